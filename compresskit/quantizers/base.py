@@ -1,0 +1,218 @@
+"""The estimator contract every quantizer follows (scikit-learn style, on plain weight tensors).
+
+``__init__`` only stores its arguments; ``fit(W)`` learns the state (attributes ending in ``_``) and
+returns ``self``; ``transform(W)`` gives integer codes; ``inverse_transform(codes)`` rebuilds the
+weight in the dtype it was fitted on. Weights are 2-D ``[out, in]``; a tensor of more dimensions (a
+conv kernel) is flattened to ``[shape[0], prod(shape[1:])]`` and restored on the way back.
+
+Learned state round-trips through safetensors (``save`` / ``load_quantizer``): tensors in the file,
+parameters and scalar state as JSON metadata. No pickle.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compresskit.errors import CompressKitError
+from compresskit.quantizers.packing import pack_codes, unpack_codes
+from compresskit.quantizers.sizes import SizeReport
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Quantizer:
+    """Base class: parameter handling, validation, persistence. Subclasses implement the math.
+
+    Subclasses define ``name``, ``_fit(W2d)``, ``_transform(W2d) -> codes``,
+    ``_inverse(codes) -> W2d`` (float32), ``_size(shape) -> dict of bits`` (from parameters and
+    shape alone, used by :meth:`estimate`), and list their learned tensors in ``_state_tensors``.
+    """
+
+    name: ClassVar[str] = ""
+    _state_tensors: ClassVar[tuple[str, ...]] = ()
+
+    # ---- parameters -------------------------------------------------------------------------
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """Constructor parameters and their defaults, read from the signature."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+
+    def get_params(self, deep: bool = False) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.param_defaults()}
+
+    def set_params(self, **params: Any) -> "Quantizer":
+        valid = self.param_defaults()
+        for key, value in params.items():
+            if key not in valid:
+                raise CompressKitError(f"{self.name}: unknown parameter {key!r}; valid: {', '.join(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def clone(self) -> "Quantizer":
+        """An unfitted copy with the same parameters."""
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ---- public verbs -----------------------------------------------------------------------
+    def fit(self, W: torch.Tensor, **fit_params: Any) -> "Quantizer":
+        """Learn the quantizer's state from weight ``W`` ([out, in], or more dims); returns self."""
+        self._validate_params()
+        W2 = self._check_weight(W)
+        self.shape_ = tuple(W.shape)
+        self.dtype_ = str(W.dtype).removeprefix("torch.")
+        if hasattr(self, "codes_"):
+            del self.codes_  # refitting
+        self._fit(W2, **fit_params)
+        if not hasattr(self, "codes_"):  # _fit may set codes itself (PQ keeps pre-pool codes)
+            self.codes_ = self._transform(W2)
+        return self
+
+    def transform(self, W: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``W`` under the learned state (W must have the fitted shape)."""
+        self._check_fitted()
+        W2 = self._check_weight(W)
+        if tuple(W.shape) != self.shape_:
+            raise CompressKitError(f"{self.name}: fitted on shape {self.shape_}, got {tuple(W.shape)}")
+        return self._transform(W2)
+
+    def inverse_transform(self, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruct the weight from ``codes`` (default: the fitted weight's codes).
+
+        Differentiable with respect to the learned float state (codebooks, pool, scales).
+        Returns the fitted shape in the fitted dtype.
+        """
+        self._check_fitted()
+        if codes is None:
+            codes = self.codes_
+        W2 = self._inverse(codes)
+        return W2.reshape(self.shape_).to(_DTYPE_NAMES[self.dtype_])
+
+    def fit_transform(self, W: torch.Tensor, **fit_params: Any) -> torch.Tensor:
+        return self.fit(W, **fit_params).codes_
+
+    # ---- size accounting --------------------------------------------------------------------
+    def size_report(self) -> SizeReport:
+        """All-in size of the fitted tensor (codes, codebooks/pool, tables, scales)."""
+        self._check_fitted()
+        return SizeReport(math.prod(self.shape_), self._fitted_size())
+
+    @classmethod
+    def estimate(cls, shape: tuple[int, ...], **params: Any) -> SizeReport:
+        """All-in size for a weight of ``shape`` without any weights (parameters as for __init__)."""
+        q = cls(**params)
+        q._validate_params()
+        if len(shape) < 2 or min(shape) < 1:
+            raise CompressKitError(f"{cls.name}: shape must have at least 2 positive dimensions, got {tuple(shape)}")
+        rows, cols = shape[0], math.prod(shape[1:])
+        return SizeReport(rows * cols, q._size((rows, cols)))
+
+    def _fitted_size(self) -> dict[str, int]:
+        rows, cols = self.shape_[0], math.prod(self.shape_[1:])
+        return self._size((rows, cols))
+
+    # ---- persistence ------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Learned tensors as stored on disk (codes bit-packed)."""
+        self._check_fitted()
+        out = {name: getattr(self, name).detach().contiguous() for name in self._state_tensors}
+        # codes_ is stored bit-packed so the file costs exactly what size_report() says
+        out["codes_"] = pack_codes(self.codes_, self.code_bits_)
+        return out
+
+    def state_meta(self) -> dict[str, Any]:
+        """JSON-able description: quantizer name, parameters and scalar learned state."""
+        self._check_fitted()
+        return {
+            "quantizer": self.name,
+            "params": self.get_params(),
+            "shape_": list(self.shape_),
+            "dtype_": self.dtype_,
+            "codes_shape_": list(self.codes_.shape),
+            "code_bits_": self.code_bits_,
+            **self._extra_meta(),
+        }
+
+    def _extra_meta(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_meta(self, meta: dict[str, Any]) -> None:
+        pass
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted state to one safetensors file (JSON metadata in its header)."""
+        save_file(self.state_tensors(), str(path), metadata={"compresskit": json.dumps(self.state_meta())})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Quantizer":
+        """Rebuild a fitted quantizer from :meth:`state_tensors` and :meth:`state_meta`."""
+        q = cls(**meta["params"])
+        q._validate_params()
+        q.shape_ = tuple(meta["shape_"])
+        q.dtype_ = meta["dtype_"]
+        q._load_extra_meta(meta)
+        for name in q._state_tensors:
+            setattr(q, name, tensors[name])
+        q.codes_ = unpack_codes(tensors["codes_"], meta["code_bits_"], tuple(meta["codes_shape_"]))
+        return q
+
+    # ---- validation -------------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        """Subclasses raise CompressKitError for out-of-range parameters."""
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "codes_"):
+            raise CompressKitError(f"{self.name}: this quantizer is not fitted yet; call fit(W) first")
+
+    def _check_weight(self, W: torch.Tensor) -> torch.Tensor:
+        """Validate a weight and return it as float32 ``[rows, cols]``."""
+        if not isinstance(W, torch.Tensor):
+            raise CompressKitError(f"{self.name}: expected a torch.Tensor, got {type(W).__name__}")
+        if W.dtype not in SUPPORTED_DTYPES:
+            raise CompressKitError(f"{self.name}: weights must be float32, float16 or bfloat16, got {W.dtype}")
+        if W.dim() < 2:
+            raise CompressKitError(
+                f"{self.name}: expected a weight of at least 2 dimensions [out, in], got shape {tuple(W.shape)}; "
+                "reshape a 1-D tensor to (1, n) or (n, 1)"
+            )
+        if W.numel() == 0:
+            raise CompressKitError(f"{self.name}: the weight is empty (shape {tuple(W.shape)})")
+        W2 = W.detach().reshape(W.shape[0], -1).to(torch.float32)
+        if not torch.isfinite(W2).all():
+            n_bad = int((~torch.isfinite(W2)).sum())
+            raise CompressKitError(f"{self.name}: the weight has {n_bad} NaN or infinite values; fix them before quantizing")
+        return W2
+
+
+def check_int(name: str, qname: str, value: Any, lo: int, hi: int) -> None:
+    """Raise a one-line error unless ``value`` is an int in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise CompressKitError(f"{qname}: {name} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+def load_quantizer(path: str | Path) -> Quantizer:
+    """Read a quantizer written by :meth:`Quantizer.save` (safetensors; no pickle)."""
+    from compresskit.registry import get_quantizer
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if "compresskit" not in header:
+        raise CompressKitError(f"{path}: not a compresskit quantizer file (no 'compresskit' metadata)")
+    meta = json.loads(header["compresskit"])
+    return get_quantizer(meta["quantizer"]).from_state(load_file(str(path)), meta)

@@ -1,0 +1,236 @@
+"""Product quantization with DPQ's compressed codebook pool.
+
+A weight ``[m, n]`` is cut along its input dimension into ``n_sub = n / d`` subspaces (column groups
+of width d); row i of subspace g is one subvector. Each codebook of ``k`` centroids (k = 256 gives
+uint8 codes) serves ``share`` consecutive subspaces (``share = 1``: one codebook per subspace, as in
+the paper). With the pool on (default), the codebooks are then replaced by one shared pool of
+``N' = m n / (16 d^2)`` entries and a ``projection [n_books, k]`` int16 table (see ``pool.py``).
+
+Defaults by target bits follow the DPQ README: d = 2 (4-bit), 3 (3-bit), 4 (2-bit), 8 (1-bit).
+A width that d does not divide is zero-padded; the padding is recorded in ``pad_`` and cropped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from compresskit.errors import CompressKitError
+from compresskit.quantizers.base import Quantizer, check_int
+from compresskit.quantizers.kmeans import assign, kmeans
+from compresskit.quantizers.packing import code_dtype
+from compresskit.quantizers.pool import build_pool, pool_size_for
+from compresskit.registry import register_quantizer
+
+D_BY_BITS = {4: 2, 3: 3, 2: 4, 1: 8}
+FLOAT_BITS = 16  # codebooks and pool are stored in float16
+
+
+def subvector_dim(bits: int, d: int | None, qname: str) -> int:
+    """The subvector dimension: ``d`` if given, else the DPQ default for ``bits``."""
+    if d is not None:
+        check_int("d", qname, d, 1, 64)
+        return d
+    if bits not in D_BY_BITS:
+        raise CompressKitError(f"{qname}: bits must be one of 1, 2, 3, 4 (or pass d explicitly), got {bits!r}")
+    return D_BY_BITS[bits]
+
+
+def to_subvectors(W: torch.Tensor, d: int) -> tuple[torch.Tensor, int]:
+    """[m, n] -> ([n_sub, m, d] subvectors per subspace, number of padded columns)."""
+    m, n = W.shape
+    pad = (-n) % d
+    if pad:
+        W = torch.nn.functional.pad(W, (0, pad))
+    return W.reshape(m, -1, d).transpose(0, 1).contiguous(), pad
+
+
+@register_quantizer("pq")
+class PQ(Quantizer):
+    """Product quantizer: per-subspace k-means codebooks, compressed into a shared pool.
+
+    Learned state: ``codes_ [m, n_sub]`` uint8; ``codebooks_ [n_books, k, d]`` float16 when the pool
+    is off, or ``pool_ [P, d]`` float16 and ``projection_ [n_books, k]`` int16 when it is on.
+    """
+
+    def __init__(
+        self,
+        bits: int = 2,
+        d: int | None = None,
+        k: int = 256,
+        share: int = 1,
+        n_iter: int = 20,
+        init: str = "kmeans++",
+        noise: float = 0.0,
+        pool: bool = True,
+        pool_size: int | None = None,
+        tau_c: float = 0.05,
+        seed: int = 0,
+    ):
+        self.bits = bits
+        self.d = d
+        self.k = k
+        self.share = share
+        self.n_iter = n_iter
+        self.init = init
+        self.noise = noise
+        self.pool = pool
+        self.pool_size = pool_size
+        self.tau_c = tau_c
+        self.seed = seed
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        self.d_ = subvector_dim(self.bits, self.d, self.name)
+        check_int("k", self.name, self.k, 2, 65536)
+        check_int("share", self.name, self.share, 1, 1 << 20)
+        check_int("n_iter", self.name, self.n_iter, 0, 10000)
+        if self.init not in ("kmeans++", "random"):
+            raise CompressKitError(f"{self.name}: init must be 'kmeans++' or 'random', got {self.init!r}")
+        if not (isinstance(self.noise, (int, float)) and self.noise >= 0):
+            raise CompressKitError(f"{self.name}: noise must be a number >= 0, got {self.noise!r}")
+        if self.pool_size is not None:
+            check_int("pool_size", self.name, self.pool_size, 1, 1 << 31)
+
+    @property
+    def code_bits_(self) -> int:
+        return max(1, math.ceil(math.log2(self.k)))
+
+    def _layout(self, rows: int, cols: int) -> tuple[int, int, int, int]:
+        """(d, n_sub, n_books, pool entries or 0 when no pool) for a rows x cols weight."""
+        d = self.d_
+        n_sub = math.ceil(cols / d)
+        n_books = math.ceil(n_sub / self.share)
+        target = self.pool_size if self.pool_size is not None else pool_size_for(rows, cols, d)
+        pool_entries = target if self.pool and target < n_books * self.k else 0
+        return d, n_sub, n_books, pool_entries
+
+    # ---- size accounting --------------------------------------------------------------------
+    def _size(self, shape: tuple[int, int]) -> dict[str, int]:
+        rows, cols = shape
+        d, n_sub, n_books, pool_entries = self._layout(rows, cols)
+        parts = {"codes": rows * n_sub * self.code_bits_}
+        if pool_entries:
+            parts["pool"] = pool_entries * d * FLOAT_BITS
+            parts["projection"] = n_books * self.k * _index_bits(pool_entries)
+        else:
+            parts["codebooks"] = n_books * self.k * d * FLOAT_BITS
+        return parts
+
+    def _fitted_size(self) -> dict[str, int]:
+        parts = {"codes": self.codes_.numel() * self.code_bits_}
+        if self.pooled_:
+            parts["pool"] = self.pool_.numel() * FLOAT_BITS
+            parts["projection"] = self.projection_.numel() * _index_bits(self.pool_.shape[0])
+        else:
+            parts["codebooks"] = self.codebooks_.numel() * FLOAT_BITS
+        return parts
+
+    # ---- fit / transform / inverse ----------------------------------------------------------
+    def _fit(self, W: torch.Tensor) -> None:
+        m, n = W.shape
+        d, n_sub, n_books, pool_entries = self._layout(m, n)
+        sub, self.pad_ = to_subvectors(W, d)  # [n_sub, m, d]
+        per_book = m * min(self.share, n_sub)
+        if self.k > per_book:
+            raise CompressKitError(
+                f"{self.name}: k={self.k} centroids need at least {self.k} subvectors per codebook, but this "
+                f"{m}x{n} weight gives {per_book}; raise share (subspaces per codebook) or lower k"
+            )
+        X, weights = _group_books(sub, self.share, n_books)  # [n_books, share*m, d]
+        C, _, _ = kmeans(X, self.k, self.n_iter, self.init, float(self.noise), self.seed, weights)
+        self.codebooks_ = C.to(torch.float16)  # [n_books, k, d]
+        self.pooled_ = False
+        codes = self._assign(sub, self.codebooks_.float())  # [n_sub, m]
+        self.codes_ = codes.t().contiguous().to(code_dtype(self.code_bits_))  # [m, n_sub]
+        if not pool_entries:
+            return
+        before = _rel_error(self._rebuild(codes, self.codebooks_.float().reshape(-1, d)), sub)
+        counts = torch.zeros(n_books * self.k).index_add_(
+            0, (self._book_of(n_sub)[:, None] * self.k + codes).reshape(-1), torch.ones(codes.numel())
+        )
+        pool, projection = build_pool(
+            self.codebooks_.float(), counts.reshape(n_books, self.k), pool_entries, self.tau_c, float(W.pow(2).mean().sqrt())
+        )
+        self.pool_ = pool.to(torch.float16)  # [P, d]
+        self.projection_ = projection.to(torch.int16 if self.pool_.shape[0] <= 32767 else torch.int32)  # [n_books, k]
+        self.pooled_ = True
+        del self.codebooks_
+        self.error_before_pool_ = before
+        self.error_after_pool_ = _rel_error(self._rebuild(codes, self.effective_codebooks().reshape(-1, d)), sub)
+
+    def effective_codebooks(self) -> torch.Tensor:
+        """Centroids as reconstruction sees them: [n_books, k, d] float32 (pool looked up if on)."""
+        if self.pooled_:
+            return self.pool_.float()[self.projection_.long()]
+        return self.codebooks_.float()
+
+    def _book_of(self, n_sub: int) -> torch.Tensor:
+        return torch.arange(n_sub) // self.share  # [n_sub]
+
+    def _assign(self, sub: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+        """Nearest centroid per subvector: sub [n_sub, m, d], books [n_books, k, d] -> [n_sub, m]."""
+        return assign(sub, books[self._book_of(sub.shape[0])].contiguous())
+
+    def _rebuild(self, codes: torch.Tensor, flat_books: torch.Tensor) -> torch.Tensor:
+        """codes [n_sub, m] + flat centroids [n_books*k, d] -> subvectors [n_sub, m, d]."""
+        idx = self._book_of(codes.shape[0])[:, None] * self.k + codes.long()
+        return flat_books[idx]
+
+    def _transform(self, W: torch.Tensor) -> torch.Tensor:
+        sub, _ = to_subvectors(W, self.d_)
+        codes = self._assign(sub, self.effective_codebooks())  # [n_sub, m]
+        return codes.t().contiguous().to(code_dtype(self.code_bits_))  # [m, n_sub]
+
+    def _inverse(self, codes: torch.Tensor) -> torch.Tensor:
+        m, n_sub = codes.shape
+        book = (torch.arange(n_sub) // self.share)[None, :]  # [1, n_sub]
+        idx = book * self.k + codes.long()  # [m, n_sub]
+        if self.pooled_:
+            sub = self.pool_.float()[self.projection_.long().reshape(-1)[idx]]  # [m, n_sub, d]
+        else:
+            sub = self.codebooks_.float().reshape(-1, self.d_)[idx]
+        W = sub.reshape(m, n_sub * self.d_)
+        return W[:, : W.shape[1] - self.pad_]
+
+    # ---- persistence ------------------------------------------------------------------------
+    @property
+    def _state_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("pool_", "projection_") if self.pooled_ else ("codebooks_",)
+
+    def _extra_meta(self) -> dict[str, Any]:
+        meta = {"pad_": self.pad_, "pooled_": self.pooled_}
+        if self.pooled_:
+            meta.update(error_before_pool_=self.error_before_pool_, error_after_pool_=self.error_after_pool_)
+        return meta
+
+    def _load_extra_meta(self, meta: dict[str, Any]) -> None:
+        self.pad_ = meta["pad_"]
+        self.pooled_ = meta["pooled_"]
+        if self.pooled_:
+            self.error_before_pool_ = meta["error_before_pool_"]
+            self.error_after_pool_ = meta["error_after_pool_"]
+
+
+def _index_bits(n_entries: int) -> int:
+    """Bits per projection-table entry: int16 while the pool has at most 32767 entries."""
+    return 16 if n_entries <= 32767 else 32
+
+
+def _group_books(sub: torch.Tensor, share: int, n_books: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[n_sub, m, d] -> ([n_books, share*m, d], weights or None); a short last book is zero-weighted."""
+    n_sub, m, d = sub.shape
+    if share == 1:
+        return sub, None
+    missing = n_books * share - n_sub
+    weights = torch.ones(n_books * share, m)
+    if missing:
+        sub = torch.cat([sub, sub[-1:].expand(missing, -1, -1)])
+        weights[n_sub:] = 0
+    return sub.reshape(n_books, share * m, d), weights.reshape(n_books, share * m)
+
+
+def _rel_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative squared Frobenius error ||approx - ref||^2 / ||ref||^2."""
+    return float((approx - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))

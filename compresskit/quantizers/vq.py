@@ -1,0 +1,109 @@
+"""Vector quantization: one k-means codebook for the whole tensor (or one per group of rows).
+
+The weight ``[m, n]`` is cut into subvectors of d consecutive input columns (zero-padded when d does
+not divide n); all of them share one codebook of k centroids (``row_groups`` > 1: one codebook per
+block of ``m / row_groups`` rows). Defaults by target bits: d as for PQ, ``k = 2 ** (bits * d)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from compresskit.errors import CompressKitError
+from compresskit.quantizers.base import Quantizer, check_int
+from compresskit.quantizers.kmeans import assign, kmeans
+from compresskit.quantizers.packing import code_dtype
+from compresskit.quantizers.pq import FLOAT_BITS, subvector_dim, to_subvectors
+from compresskit.registry import register_quantizer
+
+
+@register_quantizer("vq")
+class VQ(Quantizer):
+    """k-means vector quantizer. State: ``codes_ [m, n_sub]``, ``codebooks_ [row_groups, k, d]`` float16."""
+
+    _state_tensors = ("codebooks_",)
+
+    def __init__(
+        self,
+        bits: int = 2,
+        d: int | None = None,
+        k: int | None = None,
+        row_groups: int = 1,
+        n_iter: int = 20,
+        init: str = "kmeans++",
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
+        self.bits = bits
+        self.d = d
+        self.k = k
+        self.row_groups = row_groups
+        self.n_iter = n_iter
+        self.init = init
+        self.noise = noise
+        self.seed = seed
+
+    def _validate_params(self) -> None:
+        self.d_ = subvector_dim(self.bits, self.d, self.name)
+        if self.k is None:
+            self.k_ = 2 ** round(self.bits * self.d_)
+            if self.k_ > 65536:
+                raise CompressKitError(f"{self.name}: bits={self.bits} with d={self.d_} needs k={self.k_} > 65536; lower d")
+        else:
+            check_int("k", self.name, self.k, 2, 65536)
+            self.k_ = self.k
+        check_int("row_groups", self.name, self.row_groups, 1, 1 << 20)
+        check_int("n_iter", self.name, self.n_iter, 0, 10000)
+        if self.init not in ("kmeans++", "random"):
+            raise CompressKitError(f"{self.name}: init must be 'kmeans++' or 'random', got {self.init!r}")
+
+    @property
+    def code_bits_(self) -> int:
+        return max(1, math.ceil(math.log2(self.k_)))
+
+    def _size(self, shape: tuple[int, int]) -> dict[str, int]:
+        rows, cols = shape
+        n_sub = math.ceil(cols / self.d_)
+        return {
+            "codes": rows * n_sub * self.code_bits_,
+            "codebooks": self.row_groups * self.k_ * self.d_ * FLOAT_BITS,
+        }
+
+    def _groups(self, W: torch.Tensor) -> torch.Tensor:
+        """[m, n] -> [row_groups, (m / row_groups) * n_sub, d] (row-major within a group)."""
+        m = W.shape[0]
+        if m % self.row_groups:
+            raise CompressKitError(f"{self.name}: row_groups={self.row_groups} does not divide the {m} rows")
+        sub, pad = to_subvectors(W, self.d_)  # [n_sub, m, d]
+        self.pad_ = pad
+        return sub.transpose(0, 1).reshape(self.row_groups, -1, self.d_).contiguous()
+
+    def _fit(self, W: torch.Tensor) -> None:
+        X = self._groups(W)
+        if self.k_ > X.shape[1]:
+            raise CompressKitError(
+                f"{self.name}: k={self.k_} centroids need at least {self.k_} subvectors per codebook, "
+                f"but this weight gives {X.shape[1]}; lower k or bits, or use fewer row_groups"
+            )
+        C, _, _ = kmeans(X, self.k_, self.n_iter, self.init, float(self.noise), self.seed)
+        self.codebooks_ = C.to(torch.float16)  # [row_groups, k, d]
+
+    def _transform(self, W: torch.Tensor) -> torch.Tensor:
+        X = self._groups(W)
+        codes = assign(X, self.codebooks_.float())  # [row_groups, rows_per_group * n_sub]
+        return codes.reshape(W.shape[0], -1).to(code_dtype(self.code_bits_))  # [m, n_sub]
+
+    def _inverse(self, codes: torch.Tensor) -> torch.Tensor:
+        m, n_sub = codes.shape
+        group = (torch.arange(m) // (m // self.row_groups))[:, None]  # [m, 1]
+        flat = self.codebooks_.float().reshape(-1, self.d_)
+        W = flat[group * self.k_ + codes.long()].reshape(m, n_sub * self.d_)
+        return W[:, : W.shape[1] - self.pad_]
+
+    def _extra_meta(self) -> dict[str, Any]:
+        return {"pad_": self.pad_}
+
+    def _load_extra_meta(self, meta: dict[str, Any]) -> None:
+        self.pad_ = meta["pad_"]
