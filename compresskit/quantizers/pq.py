@@ -3,7 +3,11 @@
 A weight ``[m, n]`` is cut along its input dimension into ``n_sub = n / d`` subspaces (column groups
 of width d); row i of subspace g is one subvector. Each codebook of ``k`` centroids (k = 256 gives
 uint8 codes) serves ``share`` consecutive subspaces (``share = 1``: one codebook per subspace, as in
-the paper). With the pool on (default), the codebooks are then replaced by one shared pool of
+the paper). ``share=None`` (default) picks the smallest share that keeps codebooks (or pool and
+projection table) within a quarter of the codes' size, the budget the paper's supplementary
+states, and gives each codebook at least k subvectors: 1 for DiT-size layers (6912 x 1152), more
+for the small layers of small language models, where 256-entry tables per subspace would cost more
+than the codes themselves. With the pool on (default), the codebooks are then replaced by one shared pool of
 ``N' = m n / (16 d^2)`` entries and a ``projection [n_books, k]`` int16 table (see ``pool.py``).
 
 Defaults by target bits follow the DPQ README: d = 2 (4-bit), 3 (3-bit), 4 (2-bit), 8 (1-bit).
@@ -59,7 +63,7 @@ class PQ(Quantizer):
         bits: int = 2,
         d: int | None = None,
         k: int = 256,
-        share: int = 1,
+        share: int | None = None,
         n_iter: int = 20,
         init: str = "kmeans++",
         noise: float = 0.0,
@@ -84,7 +88,8 @@ class PQ(Quantizer):
     def _validate_params(self) -> None:
         self.d_ = subvector_dim(self.bits, self.d, self.name)
         check_int("k", self.name, self.k, 2, 65536)
-        check_int("share", self.name, self.share, 1, 1 << 20)
+        if self.share is not None:
+            check_int("share", self.name, self.share, 1, 1 << 20)
         check_int("n_iter", self.name, self.n_iter, 0, 10000)
         if self.init not in ("kmeans++", "random"):
             raise CompressKitError(f"{self.name}: init must be 'kmeans++' or 'random', got {self.init!r}")
@@ -98,25 +103,33 @@ class PQ(Quantizer):
         return max(1, math.ceil(math.log2(self.k)))
 
     def _layout(self, rows: int, cols: int) -> tuple[int, int, int, int]:
-        """(d, n_sub, n_books, pool entries or 0 when no pool) for a rows x cols weight."""
-        d = self.d_
-        n_sub = math.ceil(cols / d)
-        n_books = math.ceil(n_sub / self.share)
-        target = self.pool_size if self.pool_size is not None else pool_size_for(rows, cols, d)
-        pool_entries = target if self.pool and target < n_books * self.k else 0
-        return d, n_sub, n_books, pool_entries
+        """(share, n_sub, n_books, pool entries or 0 when no pool) for a rows x cols weight."""
+        n_sub = math.ceil(cols / self.d_)
+        if self.share is not None:
+            return (self.share, n_sub, *self._books_and_pool(rows, cols, n_sub, self.share))
+        codes_bits = rows * n_sub * self.code_bits_
+        for share in range(max(1, math.ceil(self.k / rows)), n_sub + 1):
+            n_books, pool_entries = self._books_and_pool(rows, cols, n_sub, share)
+            if sum(self._table_bits(n_books, pool_entries).values()) <= codes_bits / 4:
+                break
+        return share, n_sub, n_books, pool_entries
+
+    def _books_and_pool(self, rows: int, cols: int, n_sub: int, share: int) -> tuple[int, int]:
+        n_books = math.ceil(n_sub / share)
+        target = self.pool_size if self.pool_size is not None else pool_size_for(rows, cols, self.d_)
+        return n_books, (target if self.pool and target < n_books * self.k else 0)
+
+    def _table_bits(self, n_books: int, pool_entries: int) -> dict[str, int]:
+        """Bits of everything but the codes: codebooks, or pool + projection table."""
+        if pool_entries:
+            return {"pool": pool_entries * self.d_ * FLOAT_BITS, "projection": n_books * self.k * _index_bits(pool_entries)}
+        return {"codebooks": n_books * self.k * self.d_ * FLOAT_BITS}
 
     # ---- size accounting --------------------------------------------------------------------
     def _size(self, shape: tuple[int, int]) -> dict[str, int]:
         rows, cols = shape
-        d, n_sub, n_books, pool_entries = self._layout(rows, cols)
-        parts = {"codes": rows * n_sub * self.code_bits_}
-        if pool_entries:
-            parts["pool"] = pool_entries * d * FLOAT_BITS
-            parts["projection"] = n_books * self.k * _index_bits(pool_entries)
-        else:
-            parts["codebooks"] = n_books * self.k * d * FLOAT_BITS
-        return parts
+        _, n_sub, n_books, pool_entries = self._layout(rows, cols)
+        return {"codes": rows * n_sub * self.code_bits_, **self._table_bits(n_books, pool_entries)}
 
     def _fitted_size(self) -> dict[str, int]:
         parts = {"codes": self.codes_.numel() * self.code_bits_}
@@ -130,15 +143,16 @@ class PQ(Quantizer):
     # ---- fit / transform / inverse ----------------------------------------------------------
     def _fit(self, W: torch.Tensor) -> None:
         m, n = W.shape
-        d, n_sub, n_books, pool_entries = self._layout(m, n)
+        d = self.d_
+        self.share_, n_sub, n_books, pool_entries = self._layout(m, n)
         sub, self.pad_ = to_subvectors(W, d)  # [n_sub, m, d]
-        per_book = m * min(self.share, n_sub)
+        per_book = m * min(self.share_, n_sub)
         if self.k > per_book:
             raise CompressKitError(
                 f"{self.name}: k={self.k} centroids need at least {self.k} subvectors per codebook, but this "
                 f"{m}x{n} weight gives {per_book}; raise share (subspaces per codebook) or lower k"
             )
-        X, weights = _group_books(sub, self.share, n_books)  # [n_books, share*m, d]
+        X, weights = _group_books(sub, self.share_, n_books)  # [n_books, share*m, d]
         C, _, _ = kmeans(X, self.k, self.n_iter, self.init, float(self.noise), self.seed, weights)
         self.codebooks_ = C.to(torch.float16)  # [n_books, k, d]
         self.pooled_ = False
@@ -167,7 +181,7 @@ class PQ(Quantizer):
         return self.codebooks_.float()
 
     def _book_of(self, n_sub: int) -> torch.Tensor:
-        return torch.arange(n_sub) // self.share  # [n_sub]
+        return torch.arange(n_sub) // self.share_  # [n_sub]
 
     def _assign(self, sub: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
         """Nearest centroid per subvector: sub [n_sub, m, d], books [n_books, k, d] -> [n_sub, m]."""
@@ -185,7 +199,7 @@ class PQ(Quantizer):
 
     def _inverse(self, codes: torch.Tensor) -> torch.Tensor:
         m, n_sub = codes.shape
-        book = (torch.arange(n_sub) // self.share)[None, :]  # [1, n_sub]
+        book = self._book_of(n_sub)[None, :]  # [1, n_sub]
         idx = book * self.k + codes.long()  # [m, n_sub]
         if self.pooled_:
             sub = self.pool_.float()[self.projection_.long().reshape(-1)[idx]]  # [m, n_sub, d]
@@ -200,13 +214,14 @@ class PQ(Quantizer):
         return ("pool_", "projection_") if self.pooled_ else ("codebooks_",)
 
     def _extra_meta(self) -> dict[str, Any]:
-        meta = {"pad_": self.pad_, "pooled_": self.pooled_}
+        meta = {"pad_": self.pad_, "pooled_": self.pooled_, "share_": self.share_}
         if self.pooled_:
             meta.update(error_before_pool_=self.error_before_pool_, error_after_pool_=self.error_after_pool_)
         return meta
 
     def _load_extra_meta(self, meta: dict[str, Any]) -> None:
         self.pad_ = meta["pad_"]
+        self.share_ = meta["share_"]
         self.pooled_ = meta["pooled_"]
         if self.pooled_:
             self.error_before_pool_ = meta["error_before_pool_"]

@@ -1,0 +1,1 @@
+"""The compresskit command line (Typer)."""

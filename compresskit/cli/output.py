@@ -1,0 +1,97 @@
+"""Everything the CLI prints: rich tables for people, JSON for machines, errors on stderr."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e6:.2f} MB"
+
+
+def methods_table(table: dict[str, dict[str, Any]], docs: dict[str, str]) -> None:
+    t = Table(title="Registered quantizers")
+    t.add_column("method", style="bold")
+    t.add_column("parameters (defaults)")
+    t.add_column("what it is")
+    for name, params in table.items():
+        t.add_row(name, ", ".join(f"{k}={v!r}" for k, v in params.items()), docs.get(name, ""))
+    console.print(t)
+
+
+def size_table(result: dict[str, Any]) -> None:
+    shape = "x".join(map(str, result["shape"]))
+    t = Table(title=f"{result['method']} on a {shape} weight ({result['n_weights']:,} weights)")
+    t.add_column("part")
+    t.add_column("bits", justify="right")
+    t.add_column("bits/weight", justify="right")
+    for part, bits in result["parts_bits"].items():
+        t.add_row(part, f"{bits:,}", f"{bits / result['n_weights']:.4f}")
+    t.add_row("[bold]total[/]", f"[bold]{result['total_bits']:,}[/]", f"[bold]{result['bits_per_weight']:.4f}[/]")
+    console.print(t)
+
+
+def metrics_table(result: dict[str, Any]) -> None:
+    t = Table(title=f"Evaluation of {result.get('model', '')}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, value in result.get("metrics", {}).items():
+        t.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(t)
+
+
+def quantize_summary(result: dict[str, Any]) -> None:
+    rep = result["report"]
+    t = Table(title=f"{result['model']} -> {result['method']}:{result['bits']}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("original size (FP16)", _mb(rep["original_fp16_bytes"]))
+    t.add_row("compressed size (all-in)", _mb(rep["compressed_bytes"]))
+    t.add_row("ratio", f"{rep['ratio']:.2f}x")
+    t.add_row("bits/weight, compressed layers", f"{rep['bits_per_weight_compressed_layers']:.3f}")
+    t.add_row("bits/weight, whole model", f"{rep['bits_per_weight_all_in']:.3f}")
+    t.add_row("layers compressed", str(rep["n_layers_compressed"]))
+    t.add_row("graph", rep["graph_method"] + (f" ({rep['graph_note']})" if rep.get("graph_note") else ""))
+    for stage in ("before", "after"):
+        for key, value in rep.get("metrics", {}).get(stage, {}).items():
+            t.add_row(f"{key} {stage}", f"{value:.3f}" if isinstance(value, float) else str(value))
+    for key in ("seconds_compress", "seconds_total"):
+        if key in result:
+            t.add_row(key.replace("_", " "), f"{result[key]:.1f}")
+    if result.get("out"):
+        t.add_row("saved to", result["out"])
+    console.print(t)
+
+
+def info_table(manifest: dict[str, Any]) -> None:
+    t = Table(title=f"{manifest['source'].get('model', '?')} (format {manifest['format_version']})")
+    t.add_column("layer")
+    t.add_column("method")
+    t.add_column("shape")
+    t.add_column("bits/weight", justify="right")
+    t.add_column("rel. error", justify="right")
+    for name, layer in manifest["layers"].items():
+        q = layer["quantizer"]
+        err = layer.get("rel_error")
+        t.add_row(name, q["quantizer"], "x".join(map(str, q["shape_"])), f"{layer['bits_per_weight']:.3f}", "-" if err is None else f"{err:.4f}")
+    console.print(t)
+    totals = manifest["totals"]
+    console.print(
+        f"total {_mb(totals['compressed_bytes'])} vs {_mb(totals['original_fp16_bytes'])} FP16 "
+        f"({totals['ratio']:.2f}x), {totals['bits_per_weight_all_in']:.3f} bits/weight all-in"
+    )

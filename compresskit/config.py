@@ -1,0 +1,76 @@
+"""What to compress and how: one typed config, parsed once from CLI/file strings such as ``pq:2``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from compresskit.errors import CompressKitError
+from compresskit.registry import get_quantizer
+
+DENSE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def parse_method(spec: str) -> tuple[str, int | None]:
+    """``"pq:2"`` -> ("pq", 2); ``"rtn"`` -> ("rtn", None). One-line error for anything else."""
+    name, _, bits = spec.strip().partition(":")
+    if not name:
+        raise CompressKitError(f"method spec {spec!r} is empty; write it as METHOD or METHOD:BITS, e.g. pq:2")
+    if not bits:
+        return name, None
+    try:
+        return name, int(bits)
+    except ValueError:
+        raise CompressKitError(f"method spec {spec!r}: bits must be an integer, e.g. pq:2") from None
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress a model.
+
+    ``method``/``bits``/``params`` build the quantizer of every selected layer; ``overrides`` is an
+    ordered list of ``(fnmatch pattern, {"method": ..., "bits": ..., **params})`` applied per layer
+    (later patterns win); ``include``/``exclude`` select layers by name; ``keep_dense`` adds to the
+    adapter's layers kept dense; ``include_embeddings`` makes embeddings candidates too.
+    """
+
+    method: str = "pq"
+    bits: int = 2
+    params: dict[str, Any] = field(default_factory=dict)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_dense: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+    include_embeddings: bool = False
+    dense_dtype: str = "float16"  # how everything kept dense is stored (and rounded to in memory)
+
+    def validated(self) -> "CompressConfig":
+        """Check that every method named exists and its parameters are accepted; returns self."""
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise CompressKitError(f"dense_dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
+        for method, bits, params in [(self.method, self.bits, self.params)] + [
+            (o.get("method", self.method), o.get("bits", self.bits), _params_of(o)) for _, o in self.overrides
+        ]:
+            self.quantizer_for(method, bits, params)._validate_params()
+        return self
+
+    def with_overrides(self, **changes: Any) -> "CompressConfig":
+        return replace(self, **changes)
+
+    def quantizer_for(self, method: str, bits: int, params: dict[str, Any]):
+        cls = get_quantizer(method)
+        known = cls.param_defaults()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise CompressKitError(f"{method}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        return cls(bits=bits, **params) if "bits" in known else cls(**params)
+
+    def layer_quantizer(self, layer_override: dict[str, Any] | None):
+        """A fresh quantizer for one layer (the config's method, or the layer's override)."""
+        o = layer_override or {}
+        method = o.get("method", self.method)
+        params = {**(self.params if method == self.method else {}), **_params_of(o)}
+        return self.quantizer_for(method, o.get("bits", self.bits), params)
+
+
+def _params_of(override: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in override.items() if k not in ("method", "bits")}

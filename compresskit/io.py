@@ -1,0 +1,233 @@
+"""The compressed-model file format: a directory, boring and safe.
+
+::
+
+    out_dir/
+      manifest.json        format version, compresskit version, source model, per-layer method,
+                           parameters, bits and errors, totals
+      model.safetensors    every tensor: compressed-layer state as ``<layer>.<state>`` (codes
+                           bit-packed) and the dense rest of the model in its dense dtype (float16
+                           by default; tied weights once)
+      architecture/        what the adapter needs to rebuild an empty model (config, tokenizer)
+
+No pickle anywhere: tensors are safetensors, metadata is JSON, and the model is rebuilt from its
+config by the adapter (or from a skeleton the caller passes). A directory is written under a
+temporary name next to the target and renamed into place, so an interrupted run leaves nothing
+half-written behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from compresskit.errors import CompressKitError
+from compresskit.nn import QuantizedModule, qmodule_for
+from compresskit.registry import get_quantizer
+from compresskit.report import CompressionReport, unique_dense_tensors
+from compresskit.rewrite import replace_module
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "model.safetensors"
+ARCHITECTURE = "architecture"
+DENSE_EXPORT = "dense"
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise CompressKitError(f"{target} already exists; choose another --out or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(
+    model: nn.Module,
+    report: CompressionReport,
+    out_dir: str | Path,
+    *,
+    source: dict[str, Any],
+    save_architecture=None,
+    export_dense=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a compressed ``model`` to ``out_dir`` (see module docstring).
+
+    ``source`` describes the original model (``model``, ``resolved``, ``revision``, ``adapter``);
+    ``save_architecture(dir)`` writes what the adapter needs to rebuild the empty model;
+    ``export_dense(dir)``, if given, writes an ordinary dequantized checkpoint under ``dense/``
+    (call it with the model still compressed: it must dequantize a copy, see ``nn.densify``).
+    """
+    from compresskit import __version__
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    by_name = {r.name: r for r in report.layers}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedModule):
+            continue
+        module._sync()
+        for key, tensor in module.quantizer.state_tensors().items():
+            tensors[f"{name}.{key}"] = tensor.detach().to("cpu", tensor.dtype if not tensor.is_floating_point() else torch.float16).contiguous()
+        layer = by_name.get(name)
+        layers[name] = {
+            "quantizer": module.quantizer.state_meta(),
+            "bits_per_weight": module.quantizer.size_report().bits_per_weight,
+            "size_bits": module.quantizer.size_report().parts_bits,
+            "rel_error": None if layer is None else layer.rel_error,
+            **({} if layer is None else {"extra": layer.extra}),
+        }
+    tied: dict[str, str] = {}
+    dense_dtype = getattr(torch, report.dense_dtype)
+    dense = unique_dense_tensors(model)
+    by_ptr = {(t.data_ptr(), t.numel()): n for n, t in dense.items()}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in dense:
+            t = tensor.detach().to("cpu")
+            tensors[name] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous()
+        else:
+            twin = by_ptr.get((tensor.data_ptr(), tensor.numel()))
+            if twin is not None and twin != name:
+                tied[name] = twin
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "compresskit_version": __version__,
+        "source": source,
+        "layers": layers,
+        "tied": tied,
+        "totals": {k: v for k, v in report.to_dict().items() if k != "layers"},
+    }
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        if save_architecture is not None:
+            (tmp / ARCHITECTURE).mkdir()
+            save_architecture(tmp / ARCHITECTURE)
+        if export_dense is not None:
+            (tmp / DENSE_EXPORT).mkdir()
+            export_dense(tmp / DENSE_EXPORT)
+    return Path(out_dir)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a compressed-model directory, with a one-line error if it is not one."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CompressKitError(f"{path} is not a compresskit model directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CompressKitError(f"{manifest_path} is unreadable: {err}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CompressKitError(
+            f"{path} has format version {manifest.get('format_version')!r}; this compresskit reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_into(model: nn.Module, path: str | Path) -> nn.Module:
+    """Fill ``model`` (an uncompressed skeleton of the same architecture) from a saved directory."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CompressKitError(f"{path / TENSORS} is unreadable: {err}") from None
+    modules = dict(model.named_modules())
+    for name, layer in manifest["layers"].items():
+        meta = layer["quantizer"]
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :].endswith("_")}
+        if name not in modules:
+            raise CompressKitError(f"{path}: layer {name!r} does not exist in the model being loaded; wrong architecture?")
+        quantizer = get_quantizer(meta["quantizer"]).from_state(state, meta)
+        module = modules[name]
+        qcls = qmodule_for(module)
+        if qcls is None:
+            raise CompressKitError(f"{path}: layer {name!r} is a {type(module).__name__} in this model, not a compressible layer")
+        replace_module(model, name, qcls.from_module(module, quantizer))
+    dense = {k: v for k, v in tensors.items() if not _is_layer_state(k, manifest["layers"])}
+    for name, twin in manifest.get("tied", {}).items():
+        dense.setdefault(name, dense[twin])
+    own = model.state_dict()
+    for key, value in dense.items():
+        if key in own and own[key].is_floating_point():
+            dense[key] = value.to(own[key].dtype)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    quantized_keys = {k for k in own if _is_quantized_key(k, model)}
+    missing = [k for k in missing if k not in quantized_keys]
+    if missing or unexpected:
+        raise CompressKitError(f"{path}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def load_compressed(path: str | Path):
+    """Rebuild a saved model with its adapter: returns ``(LoadedModel, adapter)``."""
+    from compresskit.adapters import get_adapter
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    adapter = get_adapter(manifest["source"].get("adapter", "llama"))()
+    loaded = adapter.load_architecture(path / ARCHITECTURE)
+    load_into(loaded.model, path)
+    loaded.source = str(path)
+    loaded.resolved = str(path)
+    return loaded, adapter
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a compressed model directory.
+
+    With ``model`` (an uncompressed skeleton of the right architecture, e.g. your own module
+    freshly constructed) the saved state is loaded into it; without, the adapter recorded in the
+    manifest rebuilds the architecture from the directory.
+    """
+    if model is not None:
+        return load_into(model, path)
+    return load_compressed(path)[0].model
+
+
+def _is_layer_state(key: str, layers: dict[str, Any]) -> bool:
+    prefix, _, attr = key.rpartition(".")
+    return prefix in layers and attr.endswith("_")
+
+
+def _is_quantized_key(key: str, model: nn.Module) -> bool:
+    prefix, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        return False
+    return isinstance(module, QuantizedModule) and attr != "bias"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
