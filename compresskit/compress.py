@@ -6,7 +6,7 @@
 4. report sizes (all-in) and weight errors per layer.
 
 Calibration (GPTQ, the EM calibrator) plugs in through ``calibrator``: an object whose
-``compress_layers(model, selected, make_quantizer, progress)`` does steps 3 with activations.
+``run(model, layers, make_quantizer, report_layer, progress)`` does step 3 with activations.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def compress(
     example_args: tuple = (),
     example_kwargs: dict[str, Any] | None = None,
     keep_dense: Sequence[str] = (),
+    calibrator=None,
     progress: Progress | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place according to ``config``; returns the report.
@@ -40,6 +41,8 @@ def compress(
     ``example_args``/``example_kwargs`` are a small model input used to read the graph
     (``torch.export``); without them layers are found by walking the module tree.
     ``keep_dense`` are fnmatch patterns of layers to leave dense (an adapter's defaults).
+    ``calibrator`` (e.g. :class:`compresskit.calib.BlockwiseCalibrator`) compresses the selected
+    layers with activation statistics instead of from the weights alone.
     """
     config = (config or CompressConfig()).validated()
     graph = find_layers(
@@ -54,12 +57,15 @@ def compress(
     )
     if not selection.compress:
         raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")
-    modules = dict(model.named_modules())
-    layers: list[LayerReport] = []
-    for i, (name, override) in enumerate(selection.compress.items()):
-        if progress is not None:
-            progress(name, i, len(selection.compress))
-        layers.append(_compress_layer(model, name, modules[name], config.layer_quantizer(override)))
+    if calibrator is not None:
+        layers = calibrator.run(model, selection.compress, config.layer_quantizer, layer_report, progress)
+    else:
+        modules = dict(model.named_modules())
+        layers = []
+        for i, (name, override) in enumerate(selection.compress.items()):
+            if progress is not None:
+                progress(name, i, len(selection.compress))
+            layers.append(_compress_layer(model, name, modules[name], config.layer_quantizer(override)))
     if progress is not None:
         progress("", len(selection.compress), len(selection.compress))
     dtype = getattr(torch, config.dense_dtype)

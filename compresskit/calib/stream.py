@@ -1,0 +1,272 @@
+"""Streaming block-by-block calibration: the one calibration loop every adapter uses.
+
+The adapter supplies the repeated blocks (in execution order), calibration batches (real data or,
+for zero-data calibration, Gaussian noise) and its task loss. The calibrator then walks the blocks:
+
+1. capture the inputs of block 0 once (the forward pass stops there);
+2. for each block: run it on its inputs while hooks accumulate ``X^T X`` for every selected layer
+   (GPTQ's streaming ``add_batch``; the activations themselves are never stored), fit each layer's
+   quantizer with that Hessian (GPTQ) or fit it and re-assign codes against the layer's output error
+   (the EM calibrator's E-step, for ``pq``/``vq``), swap in the compressed module, optionally train
+   the block's codebooks to reproduce the uncompressed block's output (teacher-student M-step), and
+   feed the *compressed* block's outputs to the next block.
+
+Only one block's inputs are held at a time (optionally on disk), so memory does not grow with
+depth. After the walk, ``em_rounds`` rounds of the EM calibrator run on the whole model: an M-step
+(AdamW on every codebook/pool with the task loss), dead-centroid re-initialisation, and an E-step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from compresskit.calib.hessian import HessianAccumulator, conv_inputs
+from compresskit.errors import CompressKitError
+from compresskit.nn import QuantizedModule, qmodule_for
+from compresskit.rewrite import replace_module
+
+Batch = dict[str, torch.Tensor]
+CODEBOOK_METHODS = ("pq", "vq")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How to calibrate. ``m_objective``: "task" (the adapter's loss through the whole model, after
+    the block walk) or "block" (match the uncompressed block's output, during the walk)."""
+
+    e_sweeps: int = 1  # E-step sweeps over the subspaces of each layer
+    em_rounds: int = 0  # whole-model EM rounds after the block walk (M-step, re-init, E-step)
+    m_steps: int = 0  # optimizer steps per M-step
+    m_objective: str = "task"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    tau_dead: int = 256
+    damp: float = 0.01
+    seed: int = 0
+
+    def validated(self) -> "CalibConfig":
+        if self.m_objective not in ("task", "block"):
+            raise CompressKitError(f"m_objective must be 'task' or 'block', got {self.m_objective!r}")
+        for name in ("e_sweeps", "em_rounds", "m_steps"):
+            if getattr(self, name) < 0:
+                raise CompressKitError(f"{name} must be >= 0, got {getattr(self, name)}")
+        return self
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward pass at the first block."""
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+class BlockwiseCalibrator:
+    """Compresses selected layers block by block with activation statistics (see module docstring).
+
+    ``blocks``: dotted names of the repeated blocks in execution order; ``batches``: model-call
+    kwargs; ``task_loss(model, batch)``: the adapter's loss (only for the task-loss M-step).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[str],
+        batches: Sequence[Batch],
+        task_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+        config: CalibConfig | None = None,
+    ):
+        if not blocks:
+            raise CompressKitError("calibration needs the model's blocks; the adapter returned none")
+        if not batches:
+            raise CompressKitError("calibration needs at least one calibration batch")
+        self.blocks = list(blocks)
+        self.batches = list(batches)
+        self.task_loss = task_loss
+        self.config = (config or CalibConfig()).validated()
+        # kept only for whole-model EM rounds (em_rounds > 0): per codebook layer, its Hessian and
+        # original weight; O(sum of n^2 + m n) floats, which is why they are not kept otherwise
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.originals: dict[str, torch.Tensor] = {}
+        self.block_losses: dict[str, float] = {}
+
+    # ---- the walk ---------------------------------------------------------------------------
+    def run(self, model: nn.Module, layers: dict[str, Any], make_quantizer, report_layer, progress=None) -> list:
+        """Compress ``layers`` (name -> override) of ``model``; returns one report per layer."""
+        reports = []
+        keep_h = self.config.em_rounds > 0
+        by_block = {b: [n for n in layers if n == b or n.startswith(b + ".")] for b in self.blocks}
+        outside = [n for n in layers if not any(n in names for names in by_block.values())]
+        calls = self._capture(model, model.get_submodule(self.blocks[0]))
+        done = 0
+        for block_name in self.blocks:
+            names = by_block[block_name]
+            block = model.get_submodule(block_name)
+            if names:
+                hessians = self._hessians(block, block_name, names, calls)
+                teacher = self._outputs(block, calls) if self.config.m_objective == "block" and self.config.m_steps else None
+                for name in names:
+                    if progress is not None:
+                        progress(name, done, len(layers))
+                    start = time.perf_counter()
+                    module = model.get_submodule(name)
+                    W = module.weight.detach().clone()
+                    qmodule = self._compress_layer(module, make_quantizer(layers[name]), W, hessians[name])
+                    replace_module(model, name, qmodule)
+                    reports.append(report_layer(name, qmodule.quantizer, W, time.perf_counter() - start))
+                    if keep_h and qmodule.quantizer.name in CODEBOOK_METHODS:
+                        self.hessians[name] = hessians[name].float()
+                        self.originals[name] = W
+                    done += 1
+                if teacher is not None:
+                    self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
+            calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, self._outputs(block, calls))]
+        for name in outside:  # layers outside every block (rare): plain fit, no activations
+            module = model.get_submodule(name)
+            W = module.weight.detach().clone()
+            start = time.perf_counter()
+            qmodule = qmodule_for(module).from_module(module, make_quantizer(layers[name]))
+            replace_module(model, name, qmodule)
+            reports.append(report_layer(name, qmodule.quantizer, W, time.perf_counter() - start))
+        for _ in range(self.config.em_rounds):
+            self.em_round(model)
+        return reports
+
+    def _capture(self, model: nn.Module, first_block: nn.Module) -> list[_Call]:
+        calls: list[_Call] = []
+
+        def hook(_module, args, kwargs):
+            calls.append(_Call(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+            raise _Stop
+
+        handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    try:
+                        model(**batch)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        if len(calls) != len(self.batches):
+            raise CompressKitError("the first block was not reached by every calibration batch; wrong block names?")
+        return calls
+
+    @staticmethod
+    def _outputs(block: nn.Module, calls: list[_Call]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            outs = [block(*c.args, **c.kwargs) for c in calls]
+        return [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+
+    def _hessians(self, block: nn.Module, block_name: str, names: list[str], calls: list[_Call]) -> dict[str, torch.Tensor]:
+        accs: dict[str, HessianAccumulator] = {}
+        handles = []
+        for name in names:
+            module = block.get_submodule(name[len(block_name) + 1 :]) if name != block_name else block
+            width = math.prod(module.weight.shape[1:])
+            accs[name] = acc = HessianAccumulator(width, dtype=torch.float32)
+
+            def hook(mod, args, acc=acc):
+                x = args[0].detach()
+                if isinstance(mod, nn.Conv2d):
+                    acc.add_conv_batch(x, mod)
+                elif isinstance(mod, nn.Conv1d):
+                    acc.add_batch(torch.nn.functional.unfold(x.unsqueeze(-1), (mod.kernel_size[0], 1), padding=(mod.padding[0], 0), stride=(mod.stride[0], 1)).transpose(1, 2))
+                else:
+                    acc.add_batch(x)
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            self._outputs(block, calls)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: acc.hessian for name, acc in accs.items()}
+
+    def _compress_layer(self, module: nn.Module, quantizer, W: torch.Tensor, H: torch.Tensor) -> QuantizedModule:
+        qcls = qmodule_for(module)
+        if qcls is None:
+            raise CompressKitError(f"a {type(module).__name__} cannot be compressed; exclude it")
+        if "damp" in quantizer.param_defaults():  # GPTQ: the Hessian drives the rounding
+            quantizer.fit(W, hessian=H)
+        else:
+            quantizer.fit(W)
+            if quantizer.name in CODEBOOK_METHODS and self.config.e_sweeps:
+                from compresskit.calib.estep import e_step
+
+                quantizer.codes_ = e_step(quantizer, W, H, n_sweeps=self.config.e_sweeps, damp=self.config.damp)
+        return qcls.from_module(module, quantizer)
+
+    # ---- M-steps ----------------------------------------------------------------------------
+    @staticmethod
+    def _trainable(model: nn.Module) -> list[nn.Parameter]:
+        params = []
+        for module in model.modules():
+            if isinstance(module, QuantizedModule) and module.quantizer.name in CODEBOOK_METHODS:
+                for p in module.state_tensors().values():
+                    if p.is_floating_point():
+                        params.append(p)
+        return params
+
+    def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor]) -> float:
+        """AdamW on ``module``'s codebooks/pools for m_steps steps (float32 while training)."""
+        params = self._trainable(module)
+        if not params or not self.config.m_steps:
+            return float("nan")
+        originals = [p.data for p in params]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        loss_value = float("nan")
+        try:
+            for step in range(self.config.m_steps):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(step)
+                loss.backward()
+                opt.step()
+                loss_value = float(loss)
+        finally:
+            for p, orig in zip(params, originals):
+                p.requires_grad_(False)
+                p.grad = None
+                p.data = p.data.to(orig.dtype)  # stored precision (float16): what is saved is what is evaluated
+        return loss_value
+
+    def _block_m_step(self, block: nn.Module, calls: list[_Call], teacher: list[torch.Tensor]) -> float:
+        def loss_fn(step: int) -> torch.Tensor:
+            c = calls[step % len(calls)]
+            out = block(*c.args, **c.kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return (out - teacher[step % len(calls)]).pow(2).mean()
+
+        return self._optimise(block, loss_fn)
+
+    def em_round(self, model: nn.Module) -> float:
+        """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.
+
+        Returns the last M-step loss (nan without an M-step).
+        """
+        from compresskit.calib.deadcode import reinit_dead, usage_counts
+        from compresskit.calib.estep import e_step
+
+        loss = float("nan")
+        if self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
+            loss = self._optimise(model, lambda step: self.task_loss(model, self.batches[step % len(self.batches)]))
+        for name, module in model.named_modules():
+            if name not in self.originals or not isinstance(module, QuantizedModule):
+                continue
+            module._sync()
+            q, W = module.quantizer, self.originals[name]
+            # the paper's tau_dead counts uses over forward passes: each M-step pass used the current codes once
+            usage = usage_counts(q) * max(1, self.config.m_steps)
+            reinit_dead(q, W, usage, tau_dead=self.config.tau_dead, seed=self.config.seed)
+            module.codes.copy_(e_step(q, W, self.hessians[name], n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+        return loss
