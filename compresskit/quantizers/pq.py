@@ -108,11 +108,13 @@ class PQ(Quantizer):
         if self.share is not None:
             return (self.share, n_sub, *self._books_and_pool(rows, cols, n_sub, self.share))
         codes_bits = rows * n_sub * self.code_bits_
-        for share in range(max(1, math.ceil(self.k / rows)), n_sub + 1):
+        share = min(n_sub, max(1, math.ceil(self.k / rows)))  # each book needs >= k subvectors
+        while share < n_sub:
             n_books, pool_entries = self._books_and_pool(rows, cols, n_sub, share)
             if sum(self._table_bits(n_books, pool_entries).values()) <= codes_bits / 4:
                 break
-        return share, n_sub, n_books, pool_entries
+            share += 1
+        return (share, n_sub, *self._books_and_pool(rows, cols, n_sub, share))
 
     def _books_and_pool(self, rows: int, cols: int, n_sub: int, share: int) -> tuple[int, int]:
         n_books = math.ceil(n_sub / share)

@@ -1,0 +1,141 @@
+"""The front door (compress) and the file format (save / load) on small models."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import compresskit
+from compresskit import CompressConfig
+from compresskit.errors import CompressKitError
+from compresskit.io import MANIFEST, TENSORS, load_into, read_manifest
+from compresskit.nn import QuantizedConv2d, QuantizedLinear, densify
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+        self.emb = nn.Embedding(64, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.emb.weight  # tied, as in many LMs
+
+    def forward(self, ids, img):
+        h = self.emb(ids).mean(1) + self.conv(img).mean((2, 3)).repeat(1, 2)
+        return self.head(self.fc2(torch.relu(self.fc1(h))))
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    return Net().eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (2, 5), generator=g), torch.randn(2, 4, 6, 6, generator=g)
+
+
+def test_compress_replaces_selected_layers_and_reports_all_in_size():
+    model = make()
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_args=inputs())
+    assert report.graph_method == "symbolic_trace"
+    assert isinstance(model.fc1, QuantizedLinear) and isinstance(model.conv, QuantizedConv2d)
+    assert isinstance(model.head, nn.Linear)  # tied to the embedding, which stays dense
+    assert "head" in report.kept_dense
+    total = report.total
+    n_params = sum(p.numel() for p in make().parameters())  # tied weight counted once
+    assert total.n_weights == n_params
+    assert report.to_dict()["ratio"] > 1
+
+
+def test_overrides_and_excludes():
+    model = make()
+    config = CompressConfig(method="pq", bits=2, exclude=("conv",), overrides=(("fc2", {"method": "rtn", "bits": 3}),))
+    report = compresskit.compress(model, config, example_args=inputs())
+    methods = {layer.name: layer.method for layer in report.layers}
+    assert methods == {"fc1": "pq", "fc2": "rtn"}
+    assert isinstance(model.conv, nn.Conv2d)
+
+
+def test_typo_in_pattern_is_an_error():
+    with pytest.raises(CompressKitError, match="fc9"):
+        compresskit.compress(make(), CompressConfig(include=("fc9",)), example_args=inputs())
+
+
+def test_unknown_method_is_an_error_before_any_work():
+    model = make()
+    with pytest.raises(CompressKitError, match="unknown method"):
+        compresskit.compress(model, CompressConfig(method="zip"))
+    assert isinstance(model.fc1, nn.Linear)
+
+
+def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path):
+    model = make()
+    config = CompressConfig(method="pq", bits=2, overrides=(("conv", {"method": "rtn", "bits": 3}),))
+    report = compresskit.compress(model, config, example_args=inputs())
+    out = tmp_path / "m"
+    compresskit.save(model, report, out, source={"model": "net"})
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, TENSORS]
+    manifest = read_manifest(out)
+    assert manifest["format_version"] == 1 and manifest["tied"] == {"head.weight": "emb.weight"}
+    assert set(manifest["layers"]) == {"conv", "fc1", "fc2"}
+    loaded = compresskit.load(out, model=make(seed=5))
+    ids, img = inputs()
+    torch.testing.assert_close(loaded(ids, img), model(ids, img), rtol=0, atol=0)
+    # size on disk: the tensors file is the accounted size plus the safetensors header
+    payload = (out / TENSORS).stat().st_size
+    assert payload >= report.total.total_bytes
+    assert payload - report.total.total_bytes < 16_384
+
+
+def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
+    model = make()
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_args=inputs())
+    out = tmp_path / "m"
+    compresskit.save(model, report, out, source={"model": "net"})
+    with pytest.raises(CompressKitError, match="already exists"):
+        compresskit.save(model, report, out, source={"model": "net"})
+
+    def boom(_dir):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        compresskit.save(model, report, tmp_path / "other", source={}, save_architecture=boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial directory left
+
+
+def test_load_rejects_damaged_or_foreign_directories(tmp_path):
+    with pytest.raises(CompressKitError, match="not a compresskit model directory"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(CompressKitError, match="format version 99"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(CompressKitError, match="unreadable"):
+        read_manifest(tmp_path)
+
+
+def test_load_into_wrong_architecture_is_an_error(tmp_path):
+    model = make()
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_args=inputs())
+    compresskit.save(model, report, tmp_path / "m", source={})
+    with pytest.raises(CompressKitError, match="does not exist in the model"):
+        load_into(nn.Sequential(nn.Linear(2, 2)), tmp_path / "m")
+
+
+def test_densify_gives_plain_modules_with_the_same_function():
+    model = make()
+    compresskit.compress(model, CompressConfig(method="vq", bits=2, exclude=("conv",)), example_args=inputs())
+    ids, img = inputs()
+    with torch.no_grad():
+        ref = model(ids, img)
+        densify(model)
+    assert type(model.fc1) is nn.Linear
+    torch.testing.assert_close(model(ids, img), ref)
+
+
+def test_a_layer_too_small_for_the_method_names_the_layer():
+    with pytest.raises(CompressKitError, match="layer 'conv'.*k=256"):
+        compresskit.compress(make(), CompressConfig(method="vq", bits=2), example_args=inputs())
