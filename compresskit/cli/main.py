@@ -81,6 +81,14 @@ def quantize(
     export: Optional[str] = typer.Option(None, help="'dense': also write a plain dequantized checkpoint under OUT/dense."),
     eval_tokens: int = typer.Option(8192, help="Tokens of evaluation text (0: skip evaluation)."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation text file (default: Python's pydoc topics)."),
+    calib: str = typer.Option("none", help="Calibration: none | data | zero-data (Gaussian-noise inputs)."),
+    calib_data: Optional[str] = typer.Option(None, help="Calibration text file (default: pydoc topics, disjoint from evaluation)."),
+    calib_samples: int = typer.Option(32, help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    em_rounds: int = typer.Option(0, help="Whole-model EM rounds after the block walk (M-step, dead-centroid re-init, E-step)."),
+    m_steps: int = typer.Option(0, help="AdamW steps per M-step (task loss; block-output loss with --m-objective block)."),
+    m_objective: str = typer.Option("task", help="M-step loss: task | block."),
+    lr: float = typer.Option(1e-4, help="M-step learning rate (AdamW, weight decay 0)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Compress a model, evaluate it before and after, save it, and print the report."""
@@ -89,7 +97,9 @@ def quantize(
     request = QuantizeRequest(
         model=model, method=method, bits=bits, out=out, overwrite=overwrite, params=_params(param),
         include=tuple(include or ()), exclude=tuple(exclude or ()), overrides=tuple(override or ()), adapter=adapter,
-        export=export, eval_tokens=eval_tokens, eval_data=eval_data,
+        export=export, eval_tokens=eval_tokens, eval_data=eval_data, calib=calib, calib_data=calib_data,
+        calib_samples=calib_samples, calib_seq_len=calib_seq_len, em_rounds=em_rounds, m_steps=m_steps,
+        m_objective=m_objective, lr=lr,
     )
     result = run_quantize(request, quiet=as_json)
     output.print_json(result) if as_json else output.quantize_summary(result)

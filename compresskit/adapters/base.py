@@ -1,0 +1,187 @@
+"""The adapter contract: what compresskit needs to know about one model family, and the registry.
+
+Adapters are mostly data. One small file per family says how to load a model, which modules to keep
+dense (fnmatch patterns, each with its reason), which repeated blocks calibration walks through, what
+calibration batches and task loss the family uses, and how to evaluate it. Adapters hold no
+compression loop: :func:`compresskit.compress` is the only one, and it calls the adapter.
+
+Built-in adapters register with :func:`register_adapter`; other packages add theirs through the
+entry-point group ``compresskit.adapters`` (``name = "package.module:AdapterClass"``), loaded the first
+time the registry is read.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from compresskit.errors import CompressKitError
+
+ENTRY_POINT_GROUP = "compresskit.adapters"
+
+
+@dataclass
+class LoadedModel:
+    """A model as an adapter loaded it, with where it came from.
+
+    ``source`` is what the user asked for (an alias, a hub id, a path); ``resolved`` is the file or
+    directory actually read; ``revision`` is the commit hash when known (hub-cache snapshots carry
+    it), else ``None``. ``extras`` holds what the family needs besides the module (e.g. ``tokenizer``).
+    """
+
+    model: nn.Module
+    source: str
+    resolved: str
+    revision: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+Batch = dict[str, torch.Tensor]  # keyword arguments of one model call
+
+
+class Adapter(ABC):
+    """What compresskit needs to know about one model family. Subclasses set the class attributes
+    and implement every abstract method with exactly these signatures.
+
+    ``keep_dense`` is a tuple of ``(fnmatch pattern, reason)`` over module names
+    (``model.named_modules()``); a module matching any pattern is never compressed. ``target_types``
+    are the module types compressed when not kept dense.
+    """
+
+    name: ClassVar[str] = ""
+    keep_dense: ClassVar[tuple[tuple[str, str], ...]] = ()
+    target_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+
+    # ---- the contract -----------------------------------------------------------------------
+    @abstractmethod
+    def load(self, spec: str | None) -> LoadedModel:
+        """Load the model named by ``spec`` (``None``: the family's default), in eval mode, float32.
+
+        Raise one :class:`CompressKitError` saying what was tried and how to provide the model when it
+        cannot be found; never reach the network unless the user asked for it.
+        """
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[str]:
+        """Names of the repeated blocks, in execution order (``model.layers.0``, ...), for
+        block-by-block calibration."""
+
+    @abstractmethod
+    def example_inputs(self, loaded: LoadedModel) -> tuple[tuple, dict[str, Any]]:
+        """A small ``(args, kwargs)`` example of one forward call, for graph tracing (``torch.export``)."""
+
+    @abstractmethod
+    def calibration_batches(
+        self, loaded: LoadedModel, source: str | None, n_samples: int, seq_len: int, seed: int = 0
+    ) -> list[Batch]:
+        """``n_samples`` model-call kwargs drawn from ``source`` (``None``: the family's default data),
+        deterministic for a given seed, and never overlapping what :meth:`evaluate` reads."""
+
+    @abstractmethod
+    def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The scalar loss the model is trained on, for one batch (next-token cross-entropy for LMs)."""
+
+    @abstractmethod
+    def evaluate(
+        self, loaded: LoadedModel, source: str | None = None, n_tokens: int = 8192, window: int = 512
+    ) -> dict[str, float]:
+        """Quality on a fixed evaluation slice of ``source``, e.g. ``{"perplexity": ..., "n_tokens": ...,
+        "seconds": ...}``; same model and arguments, same numbers."""
+
+    # ---- optional: persistence and zero-data calibration ------------------------------------
+    def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
+        """Write what :meth:`load_architecture` needs to rebuild an empty model (config, tokenizer)."""
+        raise CompressKitError(f"the {self.name!r} adapter cannot save its architecture; use compresskit.load(dir, model=...)")
+
+    def load_architecture(self, directory: Path) -> LoadedModel:
+        """An uncompressed model of the saved architecture (weights are then loaded by compresskit)."""
+        raise CompressKitError(f"the {self.name!r} adapter cannot rebuild a model; use compresskit.load(dir, model=...)")
+
+    def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
+        """Write an ordinary dequantized checkpoint that the family's own library loads."""
+        raise CompressKitError(f"the {self.name!r} adapter has no dense export")
+
+    def noise_batches(self, loaded: LoadedModel, n_samples: int, seq_len: int, seed: int = 0) -> list[Batch]:
+        """Zero-data calibration (VQ4DiT): model-call kwargs built from Gaussian noise, no real data."""
+        raise CompressKitError(f"the {self.name!r} adapter has no zero-data calibration inputs")
+
+    # ---- derived from the data above (not meant to be overridden) ---------------------------
+    def dense_reason(self, module_name: str) -> str | None:
+        """Why ``module_name`` is kept dense, or ``None`` when it may be compressed."""
+        for pattern, reason in self.keep_dense:
+            if fnmatchcase(module_name, pattern):
+                return reason
+        return None
+
+    def compress_targets(self, model: nn.Module) -> list[str]:
+        """Names of the modules to compress: every ``target_types`` module not kept dense, in
+        ``named_modules`` order. A weight shared with a dense module (a tied ``lm_head``) is skipped too."""
+        dense_params = {
+            id(p)
+            for name, module in model.named_modules()
+            if self.dense_reason(name) is not None
+            for p in module.parameters(recurse=False)
+        }
+        return [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, self.target_types)
+            and self.dense_reason(name) is None
+            and id(module.weight) not in dense_params
+        ]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# ---- registry -------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Adapter]] = {}
+_entry_points_loaded = False
+
+A = TypeVar("A", bound=type)
+
+
+def register_adapter(name: str) -> Callable[[A], A]:
+    """Class decorator: make an :class:`Adapter` subclass available by ``name``."""
+
+    def decorate(cls: A) -> A:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            raise CompressKitError(f"an adapter named {name!r} is already registered ({existing.__qualname__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            register_adapter(ep.name)(ep.load())
+
+
+def available_adapters() -> dict[str, type[Adapter]]:
+    """Every registered adapter, built-in and from entry points, by name."""
+    import compresskit.adapters  # noqa: F401  (registers the built-ins)
+
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    """The adapter class registered as ``name``; a one-line error naming the choices otherwise."""
+    registry = available_adapters()
+    if name not in registry:
+        raise CompressKitError(f"unknown model family {name!r}; available: {', '.join(registry)}")
+    return registry[name]

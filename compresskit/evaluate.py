@@ -1,0 +1,73 @@
+"""Language-model quality: next-token loss and perplexity over fixed token windows.
+
+Perplexity is ``exp(total NLL / number of predicted tokens)`` over non-overlapping windows; inside a
+window every token but the first is predicted from the ones before it, so a run over ``n`` windows of
+``w`` tokens scores ``n * (w - 1)`` tokens. Windows are batched a few at a time, under
+``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    out = model(input_ids=input_ids, use_cache=False, **kwargs)
+    return out.logits if hasattr(out, "logits") else out  # [batch, seq, vocab]
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (nats).
+
+    ``logits`` is ``[batch, seq, vocab]``, ``input_ids`` LongTensor ``[batch, seq]``.
+    """
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1), reduction=reduction
+    )
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss of a causal LM on one batch of model kwargs (must hold ``input_ids``)."""
+    kwargs = dict(batch)
+    input_ids = kwargs.pop("input_ids")
+    return next_token_nll(_logits(model, input_ids, **kwargs), input_ids)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Perplexity of a causal LM over ``windows`` (LongTensor ``[n_windows, window]``).
+
+    Returns ``{"perplexity", "nll_mean" (nats/token), "n_tokens" (tokens predicted), "seconds"}``.
+    ``progress(done, total)`` is called after each batch of windows.
+    """
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    nll_sum, n_predicted = 0.0, 0
+    try:
+        for first in range(0, windows.shape[0], batch_size):
+            batch = windows[first : first + batch_size]  # [b, window]
+            nll_sum += next_token_nll(_logits(model, batch), batch, reduction="sum").item()
+            n_predicted += batch.shape[0] * (batch.shape[1] - 1)
+            if progress is not None:
+                progress(min(first + batch_size, windows.shape[0]), windows.shape[0])
+    finally:
+        model.train(was_training)
+    nll_mean = nll_sum / n_predicted
+    return {
+        "perplexity": math.exp(nll_mean),
+        "nll_mean": nll_mean,
+        "n_tokens": float(n_predicted),
+        "seconds": time.perf_counter() - start,
+    }
