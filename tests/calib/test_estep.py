@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from compresskit.calib.estep import _e_step, centroid_layout, e_step, output_error
+from compresskit.errors import CompressKitError
+from compresskit.quantizers.pq import PQ
+from compresskit.quantizers.vq import VQ
+
+# (name, quantizer factory, weight shape): pooled PQ, unpooled PQ (share 1 and > 1 with a short last
+# book and padded columns), a conv kernel, and VQ with one and two row groups (odd width, padded)
+CASES = [
+    ("pq-pool", lambda: PQ(bits=2, k=16, share=1, pool=True, pool_size=32), (64, 24)),
+    ("pq-share1", lambda: PQ(bits=2, k=16, share=1, pool=False), (64, 24)),
+    ("pq-share4-pad", lambda: PQ(bits=2, k=16, share=4, pool=False), (32, 22)),
+    ("pq-conv-pad", lambda: PQ(bits=2, k=8, share=2, pool=False), (16, 3, 3, 3)),
+    ("vq", lambda: VQ(bits=2, d=2, k=16), (48, 24)),
+    ("vq-groups-pad", lambda: VQ(bits=2, d=2, k=16, row_groups=2), (48, 23)),
+]
+
+
+def correlated_hessian(n: int, seed: int = 0) -> torch.Tensor:
+    """H = X^T X / N for strongly correlated inputs X = Z A (float64, as the accumulator gives)."""
+    gen = torch.Generator().manual_seed(seed)
+    Z = torch.randn(512, n, generator=gen, dtype=torch.float64)
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64) + 0.5 * torch.eye(n, dtype=torch.float64)
+    X = Z @ A
+    return X.T @ X / X.shape[0]
+
+
+def fitted(case, seed: int = 0):
+    _, make, shape = case
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1))
+    return make().fit(W), W
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_lowers_output_error_vs_kmeans_codes_and_is_monotone(case):
+    q, W = fitted(case)
+    H = correlated_hessian(W[0].numel())
+    codes, errors = _e_step(q, W, H, n_sweeps=4, damp=0.0)
+    assert errors[0] == pytest.approx(output_error(W, q.inverse_transform(), H), rel=1e-4)
+    for before, after in zip(errors, errors[1:]):  # exact block coordinate descent: never up
+        assert after <= before * (1 + 1e-5)
+    assert errors[-1] < 0.9 * errors[0], errors
+    assert codes.dtype == q.codes_.dtype and codes.shape == q.codes_.shape
+    q.codes_ = codes
+    assert output_error(W, q.inverse_transform(), H) == pytest.approx(min(errors), rel=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=[c[0] for c in CASES[:3]])
+def test_damped_sweeps_never_raise_either_objective(case):
+    q, W = fitted(case)
+    H = correlated_hessian(W[0].numel(), seed=3)
+    damp = 0.05
+    H_damped = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    errs = [output_error(W, q.inverse_transform(), H)]
+    damped = [output_error(W, q.inverse_transform(), H_damped)]
+    for _ in range(3):
+        q.codes_ = e_step(q, W, H, n_sweeps=1, damp=damp)
+        errs.append(output_error(W, q.inverse_transform(), H))
+        damped.append(output_error(W, q.inverse_transform(), H_damped))
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:])), errs
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(damped, damped[1:])), damped
+    assert errs[-1] < errs[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_identity_hessian_gives_nearest_centroid_codes(case):
+    q, W = fitted(case)
+    table, _ = centroid_layout(q)
+    gen = torch.Generator().manual_seed(5)
+    q.codes_ = torch.randint(0, table.shape[1], q.codes_.shape, generator=gen).to(q.codes_.dtype)  # a bad start
+    n = W[0].numel()
+    codes = e_step(q, W, torch.eye(n), n_sweeps=1)
+    # with H = I the output error is the weight error, so each subvector goes to its nearest centroid,
+    # measured on the real columns only (padded coordinates are not part of the weight); compare
+    # reconstructions, since a pool can map two codes to the same centroid
+    assert torch.equal(q.inverse_transform(codes), q.inverse_transform(nearest_codes(q, W)))
+    if not getattr(q, "pooled_", False) and q.pad_ == 0:
+        assert torch.equal(codes, q.transform(W))
+
+
+def nearest_codes(q, W):
+    """Reference: brute-force nearest centroid of every subvector over its real (unpadded) columns."""
+    table, book = centroid_layout(q)  # [B, k, d], [m, n_sub]
+    m, n_sub = book.shape
+    d = table.shape[2]
+    W2 = W.reshape(m, -1)
+    sub = torch.nn.functional.pad(W2, (0, n_sub * d - W2.shape[1])).reshape(m, n_sub, 1, d)
+    real = (torch.arange(n_sub * d) < W2.shape[1]).float().reshape(n_sub, 1, d)
+    dist = ((sub - table[book]) ** 2 * real).sum(-1)  # [m, n_sub, k]
+    return dist.argmin(-1).to(q.codes_.dtype)
+
+
+def test_converged_codes_are_locally_optimal_by_brute_force():
+    """After the sweeps converge, no single code change lowers tr(R H R^T) (checked exhaustively)."""
+    W = torch.randn(8, 8, generator=torch.Generator().manual_seed(7))
+    q = PQ(bits=4, k=4, share=1, pool=False).fit(W)  # d = 2, 4 subspaces of 4 centroids
+    H = correlated_hessian(8, seed=8)
+    q.codes_ = e_step(q, W, H, n_sweeps=20, damp=0.0)
+    best = output_error(W, q.inverse_transform(), H)
+    for i in range(8):
+        for g in range(4):
+            for c in range(4):
+                trial = q.codes_.clone()
+                trial[i, g] = c
+                assert output_error(W, q.inverse_transform(trial), H) >= best * (1 - 1e-6)
+
+
+def test_zero_sweeps_returns_the_start_and_bad_inputs_raise():
+    q, W = fitted(CASES[1])
+    H = correlated_hessian(24)
+    assert torch.equal(e_step(q, W, H, n_sweeps=0), q.codes_)
+    with pytest.raises(CompressKitError, match="H must be"):
+        e_step(q, W, torch.eye(23))
+    with pytest.raises(CompressKitError, match="does not match"):
+        e_step(q, W[:, :16], torch.eye(16))
+    with pytest.raises(CompressKitError, match="not fitted"):
+        e_step(PQ(), W, H)

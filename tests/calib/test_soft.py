@@ -1,0 +1,97 @@
+import copy
+
+import pytest
+import torch
+
+from compresskit.calib.estep import e_step
+from compresskit.calib.soft import SoftAssignment
+from compresskit.quantizers.pq import PQ
+from compresskit.quantizers.vq import VQ
+
+CASES = [
+    ("pq-pool", lambda: PQ(bits=2, k=16, share=1, pool=True, pool_size=32), (64, 24)),
+    ("pq-share4-pad", lambda: PQ(bits=2, k=16, share=4, pool=False), (32, 22)),
+    ("vq-groups-pad", lambda: VQ(bits=2, d=2, k=16, row_groups=2), (48, 23)),
+]
+IDS = [c[0] for c in CASES]
+
+
+def fitted(case):
+    _, make, shape = case
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    return make().fit(W), W
+
+
+def inputs(n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(256, n, generator=gen) @ (torch.randn(n, n, generator=gen) + torch.eye(n))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_starts_at_the_current_codes_even_when_they_are_not_the_nearest(case):
+    q, W = fitted(case)
+    X = inputs(W[0].numel())
+    q.codes_ = e_step(q, W, X.T @ X / X.shape[0], n_sweeps=2)  # output-optimal, not weight-nearest
+    assert not torch.equal(q.codes_, q.transform(W))
+    soft = SoftAssignment(q, W, n_candidates=4)
+    assert torch.equal(soft.harden(), q.codes_)
+    assert soft.table.dtype == torch.float32 and soft.table.requires_grad
+    soft.freeze_confident(threshold=0.0)  # everything hard: the soft weight is the quantizer's weight
+    assert torch.equal(soft.weight(), q.inverse_transform().float())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adam_lowers_an_output_matching_loss_and_hardened_codes_are_consistent(case):
+    q, W = fitted(case)
+    X = inputs(W[0].numel())
+    target = X @ W.reshape(W.shape[0], -1).T
+
+    def loss_of(weight):
+        return (X @ weight.reshape(weight.shape[0], -1).T - target).pow(2).mean()
+
+    start = float(loss_of(q.inverse_transform()))
+    soft = SoftAssignment(q, W, n_candidates=4)
+    opt = torch.optim.Adam(soft.parameters(), lr=0.05)
+    losses, n_steps = [], 100
+    for step in range(n_steps):
+        opt.zero_grad()
+        loss = loss_of(soft.weight())
+        # entropy weight ramped from 0 (same scale as the loss) so the assignments end up nearly hard
+        (loss + 3.0 * step / n_steps * start * soft.entropy()).backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 9:
+            soft.freeze_confident(0.99)
+    assert min(losses) < 0.5 * losses[0], (losses[0], min(losses))
+    assert soft.frozen.float().mean() > 0.5  # progressive freezing took most subvectors
+    soft.freeze_confident(threshold=0.0)
+    hard_loss = loss_of(soft.weight()).item()
+    q2 = copy.deepcopy(q)
+    soft.write_back(q2)
+    assert q2.codes_.dtype == q.codes_.dtype and q2.codes_.shape == q.codes_.shape
+    assert torch.equal(q2.codes_, soft.harden())
+    # the quantizer now rebuilds the hardened soft weight (up to the float16 storage of the table)
+    torch.testing.assert_close(q2.inverse_transform().float(), soft.weight().detach(), rtol=1e-2, atol=1e-2)
+    # calibration improved the quantizer itself, not only the soft relaxation
+    assert float(loss_of(q2.inverse_transform().float())) < 0.9 * start, (start, hard_loss)
+
+
+def test_frozen_subvectors_get_no_logit_gradient_but_centroids_still_train():
+    q, W = fitted(CASES[0])
+    soft = SoftAssignment(q, W, n_candidates=3, temperature=1e-3)  # sharp: most start confident
+    n_frozen = soft.freeze_confident(0.99)
+    assert 0 < n_frozen < soft.frozen.numel()
+    assert soft.freeze_confident(0.99) == 0  # nothing new: freezing is cumulative, not repeated
+    soft.weight().pow(2).sum().backward()
+    assert soft.logits.grad[soft.frozen].abs().max() == 0
+    assert soft.logits.grad[~soft.frozen].abs().max() > 0
+    assert soft.table.grad.abs().max() > 0
+
+
+def test_candidates_are_the_nearest_centroids():
+    q, W = fitted(CASES[1])
+    soft = SoftAssignment(q, W, n_candidates=16)  # all of k: the candidates are a permutation
+    assert torch.equal(soft.candidates.sort(-1).values, torch.arange(16).expand_as(soft.candidates))
+    soft = SoftAssignment(q, W, n_candidates=2)
+    # k-means codes are the nearest, so the 2nd candidate is the 2nd nearest: never the same code
+    assert (soft.candidates[..., 0] != soft.candidates[..., 1]).all()
