@@ -1,19 +1,27 @@
 """Calibration: streaming statistics of layer inputs (one block at a time), GPTQ's Hessians, and the
-EM calibrator's pieces (activation-aware E-step, dead-centroid re-initialisation, soft assignments)."""
-from compresskit.calib.deadcode import reinit_dead, usage_counts
-from compresskit.calib.estep import e_step, output_error
-from compresskit.calib.hessian import HessianAccumulator, conv_inputs
-from compresskit.calib.soft import SoftAssignment
-from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+EM calibrator's pieces (activation-aware E-step, dead-centroid re-initialisation, soft assignments).
 
-__all__ = [
-    "BlockwiseCalibrator",
-    "CalibConfig",
-    "HessianAccumulator",
-    "SoftAssignment",
-    "conv_inputs",
-    "e_step",
-    "output_error",
-    "reinit_dead",
-    "usage_counts",
-]
+Only ``hessian`` is imported eagerly (quantizers use it); the rest load on first use, which keeps
+``compresskit.quantizers`` importable without the module-rewriting machinery.
+"""
+from importlib import import_module
+
+from compresskit.calib.hessian import HessianAccumulator, conv_inputs
+
+_LAZY = {
+    "BlockwiseCalibrator": "stream",
+    "CalibConfig": "stream",
+    "SoftAssignment": "soft",
+    "e_step": "estep",
+    "output_error": "estep",
+    "reinit_dead": "deadcode",
+    "usage_counts": "deadcode",
+}
+
+__all__ = ["HessianAccumulator", "conv_inputs", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"compresskit.calib.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'compresskit.calib' has no attribute {name!r}")

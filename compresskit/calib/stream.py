@@ -232,7 +232,7 @@ class BlockwiseCalibrator:
                 loss = loss_fn(step)
                 loss.backward()
                 opt.step()
-                loss_value = float(loss)
+                loss_value = loss.item()
         finally:
             for p, orig in zip(params, originals):
                 p.requires_grad_(False)
