@@ -3,7 +3,9 @@
 The adapter supplies the repeated blocks (in execution order), calibration batches (real data or,
 for zero-data calibration, Gaussian noise) and its task loss. The calibrator then walks the blocks:
 
-1. capture the inputs of block 0 once (the forward pass stops there);
+1. capture the inputs of block 0 once (the forward pass stops there); when blocks are chained (each
+   block's output is the next one's input, as in LLaMA) later inputs come from the previous block's
+   outputs, otherwise the compressed prefix of the model is re-run up to each block;
 2. for each block: run it on its inputs while hooks accumulate ``X^T X`` for every selected layer
    (GPTQ's streaming ``add_batch``; the activations themselves are never stored), fit each layer's
    quantizer with that Hessian (GPTQ) or fit it and re-assign codes against the layer's output error
@@ -103,11 +105,14 @@ class BlockwiseCalibrator:
         keep_h = self.config.em_rounds > 0
         by_block = {b: [n for n in layers if n == b or n.startswith(b + ".")] for b in self.blocks}
         outside = [n for n in layers if not any(n in names for names in by_block.values())]
+        chained = self._chained(model)
         calls = self._capture(model, model.get_submodule(self.blocks[0]))
         done = 0
-        for block_name in self.blocks:
+        for i, block_name in enumerate(self.blocks):
             names = by_block[block_name]
             block = model.get_submodule(block_name)
+            if i and not chained:  # something runs between blocks: re-run the (compressed) prefix
+                calls = self._capture(model, block)
             if names:
                 hessians = self._hessians(block, block_name, names, calls)
                 teacher = self._outputs(block, calls) if self.config.m_objective == "block" and self.config.m_steps else None
@@ -126,7 +131,8 @@ class BlockwiseCalibrator:
                     done += 1
                 if teacher is not None:
                     self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
-            calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, self._outputs(block, calls))]
+            if chained:
+                calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, self._outputs(block, calls))]
         for name in outside:  # layers outside every block (rare): plain fit, no activations
             module = model.get_submodule(name)
             W = module.weight.detach().clone()
@@ -137,6 +143,32 @@ class BlockwiseCalibrator:
         for _ in range(self.config.em_rounds):
             self.em_round(model)
         return reports
+
+    def _chained(self, model: nn.Module) -> bool:
+        """Is each block's output the next block's first input (LLaMA decoder layers are)?
+
+        Checked on the first batch; when not, each block's inputs are captured by running the model's
+        already-compressed prefix again (slower, always right).
+        """
+        seen: dict[str, tuple] = {}
+        handles = []
+        for name in self.blocks:
+
+            def hook(_m, args, output, name=name):
+                seen[name] = (args[0] if args else None, output[0] if isinstance(output, (tuple, list)) else output)
+
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(**self.batches[0])
+        finally:
+            for h in handles:
+                h.remove()
+        for a, b in zip(self.blocks, self.blocks[1:]):
+            out, nxt = seen.get(a, (None, None))[1], seen.get(b, (None, None))[0]
+            if not (torch.is_tensor(out) and torch.is_tensor(nxt) and out.shape == nxt.shape and torch.equal(out, nxt)):
+                return False
+        return True
 
     def _capture(self, model: nn.Module, first_block: nn.Module) -> list[_Call]:
         calls: list[_Call] = []
@@ -156,7 +188,7 @@ class BlockwiseCalibrator:
         finally:
             handle.remove()
         if len(calls) != len(self.batches):
-            raise CompressKitError("the first block was not reached by every calibration batch; wrong block names?")
+            raise CompressKitError("a block was not reached by every calibration batch; wrong block names?")
         return calls
 
     @staticmethod
