@@ -25,11 +25,11 @@ def run_one(method: str, bits: int | None, args) -> dict:
     from compresskit import CompressConfig, compress
     from compresskit.adapters import get_adapter
     from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
-    from compresskit.cli.run import _batched
+    from compresskit.cli.run import _batched  # noqa: PLC2701
 
     adapter = get_adapter("llama")()
     t0 = time.perf_counter()
-    loaded = adapter.load(args.model)
+    loaded = _fresh(adapter, args.model)
     row: dict = {"model": loaded.source, "method": method, "bits": bits, "calib": args.calib}
     if method == "fp":
         metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
@@ -68,6 +68,19 @@ def run_one(method: str, bits: int | None, args) -> dict:
         "seconds_total": time.perf_counter() - t0,
         **metrics,
     }
+
+
+_CACHE: dict = {}
+
+
+def _fresh(adapter, spec):
+    """A fresh copy of the original model for each configuration (the GGUF is parsed once)."""
+    import copy
+
+    if spec not in _CACHE:
+        _CACHE[spec] = adapter.load(spec)
+    original = _CACHE[spec]
+    return type(original)(copy.deepcopy(original.model), original.source, original.resolved, original.revision, original.extras)
 
 
 def plot(jsonl: Path, png: Path) -> None:
