@@ -64,3 +64,46 @@ def build_pool(
         pool = torch.where(tot[:, None] > 0, sums / tot.clamp(min=1e-12)[:, None], pool)
     a = assign(merged[None], pool[None])[0]
     return pool, a[inverse].reshape(B, k)
+
+
+def refine_pool(
+    sub: torch.Tensor,
+    book_idx: torch.Tensor,
+    codes: torch.Tensor,
+    pool: torch.Tensor,
+    projection: torch.Tensor,
+    n_iter: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alternate three exact minimisations of the layer's squared error ``sum ||x - pool[proj[code]]||^2``.
+
+    ``sub`` [n_sub, m, d] subvectors, ``book_idx`` [n_sub, 1] = book * k, ``codes`` [n_sub, m],
+    ``pool`` [P, d], ``projection`` [B, k]. Each round: (1) every pool entry becomes the mean of the
+    subvectors that reach it; (2) every codebook slot points to the pool entry nearest to the mean of
+    its subvectors (weighted by their count, this is exact); (3) every subvector takes the slot of its
+    book whose pool entry is nearest. None can raise the error. Returns (pool, projection, codes).
+    """
+    n_sub, m, d = sub.shape
+    B = projection.shape[0]
+    x = sub.reshape(-1, d)  # [n_sub*m, d]
+    proj = projection.reshape(-1).clone()  # [B*k]
+    pool = pool.clone()
+    P = pool.shape[0]
+    for _ in range(n_iter):
+        slot = (book_idx + codes.long()).reshape(-1)  # [n_sub*m] codebook slot per subvector
+        # (1) pool entries
+        entry = proj[slot]
+        sums = torch.zeros(P, d).index_add_(0, entry, x)
+        cnt = torch.zeros(P).index_add_(0, entry, torch.ones(entry.numel()))
+        pool = torch.where(cnt[:, None] > 0, sums / cnt.clamp(min=1)[:, None], pool)
+        # (2) projection: slot mean -> nearest pool entry
+        slot_sums = torch.zeros(B * k, d).index_add_(0, slot, x)
+        slot_cnt = torch.zeros(B * k).index_add_(0, slot, torch.ones(slot.numel()))
+        used = slot_cnt > 0
+        means = slot_sums[used] / slot_cnt[used, None]
+        proj[used] = assign(means[None].contiguous(), pool[None].contiguous())[0]
+        # (3) codes: nearest effective centroid of the subvector's book
+        effective = pool[proj].reshape(B, k, d)
+        books = effective[(book_idx[:, 0] // k)]  # [n_sub, k, d]
+        codes = assign(sub, books.contiguous())
+    return pool, proj.reshape(B, k), codes
