@@ -49,6 +49,9 @@ class CalibConfig:
     weight_decay: float = 0.0
     tau_dead: int = 256
     damp: float = 0.01
+    soft_candidates: int = 0  # > 0: VQ4DiT soft assignments over that many candidates in the block M-step
+    entropy_weight: float = 1e-3  # pushes soft assignments towards one candidate as training goes
+    logit_lr: float = 0.05  # soft-assignment logits move in logit units: a far larger step than centroids
     seed: int = 0
 
     def validated(self) -> "CalibConfig":
@@ -130,7 +133,10 @@ class BlockwiseCalibrator:
                         self.originals[name] = W
                     done += 1
                 if teacher is not None:
-                    self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
+                    if self.config.soft_candidates:
+                        self.block_losses[block_name] = self._soft_block_m_step(model, block_name, names, calls, teacher)
+                    else:
+                        self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
             if chained:
                 calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, self._outputs(block, calls))]
         for name in outside:  # layers outside every block (rare): plain fit, no activations
@@ -281,6 +287,52 @@ class BlockwiseCalibrator:
 
         return self._optimise(block, loss_fn)
 
+    def _soft_block_m_step(self, model, block_name: str, names: list[str], calls: list[_Call], teacher) -> float:
+        """VQ4DiT: train soft candidate assignments and centroids of the block's codebook layers to
+        reproduce the uncompressed block; freeze confident subvectors as it goes, then harden."""
+        from compresskit.calib.soft import SoftAssignment
+
+        block = model.get_submodule(block_name)
+        softs: dict[str, tuple[QuantizedModule, SoftAssignment]] = {}
+        for name in names:
+            qm = model.get_submodule(name)
+            if isinstance(qm, QuantizedModule) and qm.quantizer.name in CODEBOOK_METHODS:
+                qm._sync()
+                W = qm.quantizer.inverse_transform().float()
+                softs[name] = (qm, SoftAssignment(qm.quantizer, W, n_candidates=self.config.soft_candidates))
+        if not softs or not self.config.m_steps:
+            return float("nan")
+        handles = [qm.register_forward_pre_hook(_soft_weight_hook(soft)) for qm, soft in softs.values()]
+        tables = [soft.table for _, soft in softs.values()]
+        logits = [soft.logits for _, soft in softs.values()]
+        opt = torch.optim.AdamW(
+            [{"params": tables, "lr": self.config.lr}, {"params": logits, "lr": self.config.logit_lr}],
+            weight_decay=self.config.weight_decay,
+        )
+        loss_value = float("nan")
+        try:
+            for step in range(self.config.m_steps):
+                c = calls[step % len(calls)]
+                out = block(*c.args, **c.kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                ramp = (step + 1) / self.config.m_steps
+                loss = (out - teacher[step % len(calls)]).pow(2).mean()
+                loss_value = loss.item()
+                loss = loss + self.config.entropy_weight * ramp * sum(soft.entropy() for _, soft in softs.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if (step + 1) % 10 == 0:
+                    for _, soft in softs.values():
+                        soft.freeze_confident()
+        finally:
+            for h in handles:
+                h.remove()
+        for name, (qm, soft) in softs.items():
+            soft.write_back(qm.quantizer)
+            replace_module(model, name, type(qm)(qm.quantizer, qm.bias, qm.cache_weight)._adopt(qm))
+        return loss_value
+
     def em_round(self, model: nn.Module) -> float:
         """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.
 
@@ -302,3 +354,12 @@ class BlockwiseCalibrator:
             reinit_dead(q, W, usage, tau_dead=self.config.tau_dead, seed=self.config.seed)
             module.codes.copy_(e_step(q, W, self.hessians[name], n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
         return loss
+
+
+def _soft_weight_hook(soft):
+    """While training soft assignments, the compressed module computes with the soft weight."""
+
+    def hook(module, args):
+        module._soft_weight = soft.weight()
+
+    return hook

@@ -89,7 +89,17 @@ class QuantizedModule(nn.Module):
         self._sync()
         return self.quantizer._inverse(self.codes).reshape(self.quantizer.shape_)
 
+    def _adopt(self, old: "QuantizedModule") -> "QuantizedModule":
+        """Take over ``old``'s per-type configuration (conv arguments, features); returns self."""
+        for key, value in vars(old).items():
+            if not key.startswith("_") and key not in ("training", "quantizer", "cache_weight"):
+                setattr(self, key, value)
+        return self.to(old.codes.device)
+
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        soft = self.__dict__.pop("_soft_weight", None)  # set by the calibrator's soft-assignment hook
+        if soft is not None:
+            return soft.to(dtype)
         trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not self.cache_weight or trainable or torch.compiler.is_compiling():
             return self.dequantize().to(dtype)

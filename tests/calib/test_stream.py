@@ -99,3 +99,46 @@ def test_em_round_with_task_loss_reduces_the_loss():
         with torch.no_grad():
             losses[rounds] = float((model(x) - target).pow(2).mean())
     assert losses[1] < losses[0], losses
+
+
+class Residual(nn.Module):
+    def __init__(self, width=64):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 256), nn.Linear(256, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Residual() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_block_m_step_hard_and_soft_assignments_lower_the_block_error():
+    """Teacher-student M-step (and VQ4DiT's soft assignments) on noise inputs, as zero-data does."""
+    torch.manual_seed(0)
+    base = Stack().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(64, 64, generator=g)} for _ in range(4)]  # Gaussian noise: zero data
+    x = torch.cat([b["x"] for b in batches])
+    ref = base(x).detach()
+    errors, codes = {}, {}
+    for steps, soft in ((0, 0), (100, 0), (100, 4)):
+        model = Stack().eval()
+        model.load_state_dict(base.state_dict())
+        cfg = CalibConfig(m_steps=steps, m_objective="block", lr=1e-3, soft_candidates=soft, e_sweeps=0)
+        cal = BlockwiseCalibrator(["blocks.0", "blocks.1"], batches, config=cfg)
+        compresskit.compress(model, CompressConfig(method="pq", bits=2), calibrator=cal)
+        with torch.no_grad():
+            errors[(steps, soft)] = float((model(x) - ref).pow(2).mean())
+        codes[(steps, soft)] = model.blocks[0].fc1.codes.clone()
+    assert errors[(100, 0)] < 0.9 * errors[(0, 0)], errors
+    assert errors[(100, 4)] < 0.9 * errors[(0, 0)], errors
+    assert not torch.equal(codes[(100, 4)], codes[(0, 0)])  # soft assignments moved some codes
