@@ -14,14 +14,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from compresskit.errors import CompressKitError
+from compresskit.registry import Registry
 
 ENTRY_POINT_GROUP = "compresskit.adapters"
 
@@ -141,47 +141,7 @@ class Adapter(ABC):
 
 
 # ---- registry -------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Adapter]] = {}
-_entry_points_loaded = False
-
-A = TypeVar("A", bound=type)
-
-
-def register_adapter(name: str) -> Callable[[A], A]:
-    """Class decorator: make an :class:`Adapter` subclass available by ``name``."""
-
-    def decorate(cls: A) -> A:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise CompressKitError(f"an adapter named {name!r} is already registered ({existing.__qualname__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _REGISTRY:
-            register_adapter(ep.name)(ep.load())
-
-
-def available_adapters() -> dict[str, type[Adapter]]:
-    """Every registered adapter, built-in and from entry points, by name."""
-    import compresskit.adapters  # noqa: F401  (registers the built-ins)
-
-    _load_entry_points()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_adapter(name: str) -> type[Adapter]:
-    """The adapter class registered as ``name``; a one-line error naming the choices otherwise."""
-    registry = available_adapters()
-    if name not in registry:
-        raise CompressKitError(f"unknown model family {name!r}; available: {', '.join(registry)}")
-    return registry[name]
+ADAPTERS = Registry("model family", ENTRY_POINT_GROUP, "compresskit.adapters")
+register_adapter = ADAPTERS.register  # class decorator: make an Adapter subclass available by name
+available_adapters = ADAPTERS.available
+get_adapter = ADAPTERS.get
