@@ -31,6 +31,8 @@ def run_one(method: str, bits: int | None, args) -> dict:
     t0 = time.perf_counter()
     loaded = _fresh(adapter, args.model)
     row: dict = {"model": loaded.source, "method": method, "bits": bits, "calib": args.calib}
+    if args.calib != "none":
+        row.update(calib_samples=args.calib_samples, seq_len=args.seq_len, lr=args.lr)
     if method == "fp":
         metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
         n = sum(p.numel() for p in loaded.model.parameters())

@@ -1,0 +1,37 @@
+"""Markdown table from the JSON lines written by bench/smollm2_rd.py (for docs/BENCHMARKS.md).
+
+    python bench/rd_table.py docs/smollm2_rd_uncalibrated.jsonl
+"""
+import json
+import sys
+
+
+def label(r: dict) -> str:
+    name = r["method"] if r["method"] != "fp" else "FP (float32 weights; size at FP16)"
+    if r.get("calib", "none") != "none":
+        name += f" + {r['calib']} calib" + (f" ({r['calib_samples']}x{r['seq_len']} tok)" if "seq_len" in r else "")
+    if r.get("em_rounds"):
+        name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps, lr {r.get('lr', 1e-4):g})"
+    extra = {k: v for k, v in (r.get("params") or {}).items()}
+    return name + (f" {extra}" if extra else "")
+
+
+def _s(r: dict, key: str) -> str:
+    return f"{r[key]:.0f}" if r.get(key) else "-"
+
+
+def main(paths: list[str]) -> None:
+    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    fp = next((r["perplexity"] for r in rows if r["method"] == "fp"), None)
+    print("| method | bits | bits/weight (layers, all-in) | bits/weight (whole model) | size MB | perplexity | x FP | compress s | total s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['perplexity'] / fp:.2f}" if fp else "-"
+        print(
+            f"| {label(r)} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['bits_per_weight_all_in']:.3f} | "
+            f"{r['size_mb']:.1f} | {r['perplexity']:.4g} | {ratio} | {_s(r, 'seconds_compress')} | {_s(r, 'seconds_total')} |"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
