@@ -28,9 +28,9 @@ class QuantizeRequest:
     export: str | None
     eval_tokens: int
     eval_data: str | None
-    calib: str = "none"
+    calib: str = "data"
     calib_data: str | None = None
-    calib_samples: int = 32
+    calib_samples: int = 16
     calib_seq_len: int = 512
     em_rounds: int = 0
     m_steps: int = 0

@@ -23,7 +23,7 @@ def test_quantize_save_reload_eval_info(tmp_path):
     out = tmp_path / "smol-pq3"
     proc = cli(
         "quantize", "--method", "pq", "--bits", "3", "--include", "model.layers.0.*", "--include", "model.layers.1.*",
-        "--override", "model.layers.1.mlp.*=rtn:4", "--eval-tokens", "512", "--out", str(out), "--json",
+        "--override", "model.layers.1.mlp.*=rtn:4", "--eval-tokens", "512", "--calib", "none", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
     report = result["report"]
@@ -60,3 +60,16 @@ def test_bad_input_exits_2_with_one_line(argv, message, tmp_path):
     assert message in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_with_calibration_on_two_blocks(tmp_path):
+    """The default path (--calib data): GPTQ through the block-wise calibrator on real text."""
+    out = tmp_path / "smol-gptq3"
+    proc = cli(
+        "quantize", "--method", "gptq", "--bits", "3", "--include", "model.layers.0.*", "--include", "model.layers.1.*",
+        "--calib-samples", "4", "--calib-seq-len", "128", "--eval-tokens", "512", "--out", str(out), "--json",
+    )
+    result = json.loads(proc.stdout)
+    assert result["calibration"]["mode"] == "data"
+    before, after = (result["report"]["metrics"][k]["perplexity"] for k in ("before", "after"))
+    assert after < before * 2
