@@ -85,10 +85,12 @@ def info_table(manifest: dict[str, Any]) -> None:
     t.add_column("shape")
     t.add_column("bits/weight", justify="right")
     t.add_column("rel. error", justify="right")
+    t.add_column("PQ error before / after pool", justify="right")
     for name, layer in manifest["layers"].items():
         q = layer["quantizer"]
         err = layer.get("rel_error")
-        t.add_row(name, q["quantizer"], "x".join(map(str, q["shape_"])), f"{layer['bits_per_weight']:.3f}", "-" if err is None else f"{err:.4f}")
+        pool = f"{q['error_before_pool_']:.4f} / {q['error_after_pool_']:.4f}" if "error_after_pool_" in q else "-"
+        t.add_row(name, q["quantizer"], "x".join(map(str, q["shape_"])), f"{layer['bits_per_weight']:.3f}", "-" if err is None else f"{err:.4f}", pool)
     console.print(t)
     totals = manifest["totals"]
     console.print(
