@@ -8,7 +8,7 @@ bits/weight from a JSON-lines file.
 
     python bench/smollm2_rd.py --methods rtn,pq --bits 4,3,2,1 --out docs/smollm2_rd.jsonl
     python bench/smollm2_rd.py --methods gptq,pq --bits 2 --calib data --out docs/smollm2_rd.jsonl
-    python bench/smollm2_rd.py --plot docs/smollm2_rd.jsonl --png docs/smollm2_rd.png
+    python bench/smollm2_rd.py --plot docs/smollm2_rd_uncalibrated.jsonl docs/smollm2_rd_calibrated.jsonl --png docs/smollm2_rd.png
 """
 from __future__ import annotations
 
@@ -85,22 +85,22 @@ def _fresh(adapter, spec):
     return type(original)(copy.deepcopy(original.model), original.source, original.resolved, original.revision, original.extras)
 
 
-def plot(jsonl: Path, png: Path) -> None:
+def plot(jsonls: list[Path], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for jsonl in jsonls for line in jsonl.read_text().splitlines() if line.strip()]
     fp = next((r["perplexity"] for r in rows if r["method"] == "fp"), None)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}
     for r in rows:
         if r["method"] == "fp":
             continue
-        label = r["method"] + ("" if r.get("calib", "none") == "none" else f" + {r['calib']}") + (
-            f" + EM x{r['em_rounds']}" if r.get("em_rounds") else ""
-        )
+        label = r["method"] + ("" if r.get("calib", "none") == "none" else " + E-step" if r["method"] != "gptq" else " (calibrated)")
+        label += f" + EM (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
+        label += " no pool" if (r.get("params") or {}).get("pool") is False else ""
         series.setdefault(label, []).append((r["bits_per_weight_layers"], r["perplexity"]))
     for label, pts in sorted(series.items()):
         pts.sort()
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here too")
-    p.add_argument("--plot", type=Path, default=None, help="JSON-lines file to plot (no runs)")
+    p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON-lines files to plot (no runs)")
     p.add_argument("--png", type=Path, default=Path("docs/smollm2_rd.png"))
     args = p.parse_args()
     if args.plot:

@@ -336,10 +336,14 @@ class BlockwiseCalibrator:
     def em_round(self, model: nn.Module) -> float:
         """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.
 
+        A layer whose output error (on its calibration Hessian) would rise through the re-init is
+        restored and only re-assigned: the E-step never lets the error grow, so the round cannot
+        make a layer worse than the M-step left it.
+
         Returns the last M-step loss (nan without an M-step).
         """
         from compresskit.calib.deadcode import reinit_dead, usage_counts
-        from compresskit.calib.estep import e_step
+        from compresskit.calib.estep import e_step, output_error
 
         loss = float("nan")
         if self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
@@ -348,11 +352,23 @@ class BlockwiseCalibrator:
             if name not in self.originals or not isinstance(module, QuantizedModule):
                 continue
             module._sync()
-            q, W = module.quantizer, self.originals[name]
+            q, W, H = module.quantizer, self.originals[name], self.hessians[name]
+            before = output_error(W, q.inverse_transform().float(), H)
+            saved = {k: t.detach().clone() for k, t in module.state_tensors().items()}
+            saved_codes = module.codes.clone()
             # the paper's tau_dead counts uses over forward passes: each M-step pass used the current codes once
             usage = usage_counts(q) * max(1, self.config.m_steps)
             reinit_dead(q, W, usage, tau_dead=self.config.tau_dead, seed=self.config.seed)
-            module.codes.copy_(e_step(q, W, self.hessians[name], n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+            module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+            module._sync()
+            if output_error(W, q.inverse_transform().float(), H) > before:
+                # with few passes the usage count flags live centroids as dead; never pay for a re-init
+                with torch.no_grad():
+                    for k, t in module.state_tensors().items():
+                        t.copy_(saved[k])
+                    module.codes.copy_(saved_codes)
+                module._sync()
+                module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
         return loss
 
 

@@ -142,3 +142,25 @@ def test_block_m_step_hard_and_soft_assignments_lower_the_block_error():
     assert errors[(100, 0)] < 0.9 * errors[(0, 0)], errors
     assert errors[(100, 4)] < 0.9 * errors[(0, 0)], errors
     assert not torch.equal(codes[(100, 4)], codes[(0, 0)])  # soft assignments moved some codes
+
+
+def test_em_round_never_makes_a_layer_worse_on_its_calibration_statistics():
+    """Few passes make the usage count flag live centroids as dead; the round must not pay for that."""
+    torch.manual_seed(0)
+    model = Chain(width=64, depth=2).eval()
+    batches = correlated_batches(width=64, rows=128)
+    cal = BlockwiseCalibrator(["layers.0", "layers.1"], batches, config=CalibConfig(em_rounds=0, tau_dead=10_000))
+    compresskit.compress(model, CompressConfig(method="pq", bits=2), calibrator=cal)
+    cal.config = CalibConfig(em_rounds=1, tau_dead=10_000)  # every centroid counts as dead
+    torch.manual_seed(0)
+    fresh = Chain(width=64, depth=2).eval()
+    x = torch.cat([b["x"] for b in batches])
+    with torch.no_grad():
+        inputs = {"layers.0": x, "layers.1": torch.relu(fresh.layers[0](x)) * 1.5}
+    for name in ("layers.0", "layers.1"):
+        cal.originals[name] = fresh.get_submodule(name).weight.detach().clone()
+        cal.hessians[name] = inputs[name].T @ inputs[name] / x.shape[0]
+    before = {n: output_error(cal.originals[n], model.get_submodule(n).dequantize(), cal.hessians[n]) for n in cal.originals}
+    cal.em_round(model)
+    after = {n: output_error(cal.originals[n], model.get_submodule(n).dequantize(), cal.hessians[n]) for n in cal.originals}
+    assert all(after[n] <= before[n] * (1 + 1e-6) for n in before), (before, after)
