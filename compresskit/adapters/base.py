@@ -56,6 +56,8 @@ class Adapter(ABC):
 
     name: ClassVar[str] = ""
     keep_dense: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # quantizer parameters this family uses unless the user sets them: {method: ({param: value}, why)}
+    method_defaults: ClassVar[dict[str, tuple[dict[str, Any], str]]] = {}
     target_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     # ---- the contract -----------------------------------------------------------------------

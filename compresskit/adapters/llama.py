@@ -119,6 +119,16 @@ class LlamaAdapter(Adapter):
         ("*norm", "RMSNorm scales: one vector per layer, negligible size, not a Linear"),
     )
 
+    method_defaults = {
+        "pq": (
+            {"pool": False},
+            "DPQ's codebook pool was sized for DiT-scale layers (6912 x 1152); on SmolLM2-135M's "
+            "576-1536 wide layers it merges too much: measured at 2 bits with the E-step, perplexity "
+            "120.6 without the pool vs 14,520 with it, at the same 2.46-2.47 bits/weight "
+            "(docs/BENCHMARKS.md); pass --param pool=true for the paper's layout",
+        )
+    }
+
     def load(self, spec: str | None) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -75,8 +75,9 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     adapter = get_adapter(req.adapter)()
     overrides = tuple(parse_override(o) for o in req.overrides)
+    params = {**adapter.method_defaults.get(req.method, ({}, ""))[0], **req.params}  # the user's word wins
     config = CompressConfig(
-        method=req.method, bits=req.bits, params=req.params, include=req.include, exclude=req.exclude, overrides=overrides
+        method=req.method, bits=req.bits, params=params, include=req.include, exclude=req.exclude, overrides=overrides
     ).validated()
     parse_method(f"{req.method}:{req.bits}")
     out = Path(req.out or f"out/{_slug(req.model or 'smollm2-135m')}-{req.method}{req.bits}")
@@ -131,6 +132,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "model": loaded.source,
         "method": req.method,
         "bits": req.bits,
+        "params": params,
         "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
                         "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": req.m_objective}
         if req.calib != "none" else {"mode": "none"},

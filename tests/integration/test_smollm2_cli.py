@@ -26,6 +26,7 @@ def test_quantize_save_reload_eval_info(tmp_path):
         "--override", "model.layers.1.mlp.*=rtn:4", "--eval-tokens", "512", "--calib", "none", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
+    assert result["params"] == {"pool": False}  # the LLaMA adapter's measured default for pq
     report = result["report"]
     assert report["graph_method"] == "export"  # symbolic_trace cannot trace transformers' LLaMA
     assert report["n_layers_compressed"] == 14
