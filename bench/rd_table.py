@@ -1,6 +1,7 @@
 """Markdown table from the JSON lines written by bench/smollm2_rd.py (for docs/BENCHMARKS.md).
 
     python bench/rd_table.py docs/smollm2_rd_uncalibrated.jsonl
+    python bench/rd_table.py docs/smollm2_rd_calibrated.jsonl --fp-from docs/smollm2_rd_uncalibrated.jsonl
 """
 import json
 import sys
@@ -13,7 +14,7 @@ def label(r: dict) -> str:
     if r.get("em_rounds"):
         name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps, lr {r.get('lr', 1e-4):g})"
     extra = {k: v for k, v in (r.get("params") or {}).items()}
-    return name + (f" {extra}" if extra else "")
+    return name + (f" {extra}" if extra else "") + (f" ({r['note']})" if r.get("note") else "")
 
 
 def _s(r: dict, key: str) -> str:
@@ -21,8 +22,14 @@ def _s(r: dict, key: str) -> str:
 
 
 def main(paths: list[str]) -> None:
+    """Rows of every file; ``--fp-from FILE`` takes the FP perplexity (the x FP column) from FILE."""
+    fp_rows = []
+    if "--fp-from" in paths:
+        i = paths.index("--fp-from")
+        fp_rows = [json.loads(line) for line in open(paths[i + 1]) if line.strip()]
+        paths = paths[:i] + paths[i + 2 :]
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-    fp = next((r["perplexity"] for r in rows if r["method"] == "fp"), None)
+    fp = next((r["perplexity"] for r in rows + fp_rows if r["method"] == "fp"), None)
     print("| method | bits | bits/weight (layers, all-in) | bits/weight (whole model) | size MB | perplexity | x FP | compress s | total s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
