@@ -101,10 +101,12 @@ def plot(jsonls: list[Path], png: Path) -> None:
         label = r["method"] + ("" if r.get("calib", "none") == "none" else " + E-step" if r["method"] != "gptq" else " (calibrated)")
         label += f" + EM (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
         label += " no pool" if (r.get("params") or {}).get("pool") is False else ""
+        label += f" ({r['note']})" if r.get("note") else ""
         series.setdefault(label, []).append((r["bits_per_weight_layers"], r["perplexity"]))
-    for label, pts in sorted(series.items()):
+    colors = plt.cm.tab20.colors
+    for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dv"[i % 5], color=colors[(2 * i) % 20 + (i // 10)], label=label)
     if fp is not None:
         ax.axhline(fp, color="k", ls="--", lw=1, label=f"FP ({fp:.2f})")
     ax.set_yscale("log")
