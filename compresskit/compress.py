@@ -6,7 +6,8 @@
 4. report sizes (all-in) and weight errors per layer.
 
 Calibration (GPTQ, the EM calibrator) plugs in through ``calibrator``: an object whose
-``run(model, layers, make_quantizer, report_layer, progress)`` does step 3 with activations.
+``run(model, layers, make_quantizer, report_layer, compress_plain, progress)`` does step 3 with
+activations.
 """
 from __future__ import annotations
 
@@ -57,15 +58,17 @@ def compress(
     )
     if not selection.compress:
         raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")
+    def compress_plain(name: str, override: dict[str, Any]) -> LayerReport:
+        return _compress_layer(model, name, model.get_submodule(name), config.layer_quantizer(override))
+
     if calibrator is not None:
-        layers = calibrator.run(model, selection.compress, config.layer_quantizer, layer_report, progress)
+        layers = calibrator.run(model, selection.compress, config.layer_quantizer, layer_report, compress_plain, progress)
     else:
-        modules = dict(model.named_modules())
         layers = []
         for i, (name, override) in enumerate(selection.compress.items()):
             if progress is not None:
                 progress(name, i, len(selection.compress))
-            layers.append(_compress_layer(model, name, modules[name], config.layer_quantizer(override)))
+            layers.append(compress_plain(name, override))
     if progress is not None:
         progress("", len(selection.compress), len(selection.compress))
     dtype = getattr(torch, config.dense_dtype)

@@ -102,8 +102,13 @@ class BlockwiseCalibrator:
         self.block_losses: dict[str, float] = {}
 
     # ---- the walk ---------------------------------------------------------------------------
-    def run(self, model: nn.Module, layers: dict[str, Any], make_quantizer, report_layer, progress=None) -> list:
-        """Compress ``layers`` (name -> override) of ``model``; returns one report per layer."""
+    def run(self, model: nn.Module, layers: dict[str, Any], make_quantizer, report_layer, compress_plain, progress=None) -> list:
+        """Compress ``layers`` (name -> override) of ``model``; returns one report per layer.
+
+        ``make_quantizer(override)`` builds a layer's quantizer, ``report_layer`` describes a
+        compressed layer, ``compress_plain(name, override)`` compresses a layer outside every block
+        without activations (all three come from :func:`compresskit.compress`).
+        """
         reports = []
         keep_h = self.config.em_rounds > 0
         by_block = {b: [n for n in layers if n == b or n.startswith(b + ".")] for b in self.blocks}
@@ -139,13 +144,8 @@ class BlockwiseCalibrator:
                         self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
             if chained:
                 calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, self._outputs(block, calls))]
-        for name in outside:  # layers outside every block (rare): plain fit, no activations
-            module = model.get_submodule(name)
-            W = module.weight.detach().clone()
-            start = time.perf_counter()
-            qmodule = qmodule_for(module).from_module(module, make_quantizer(layers[name]))
-            replace_module(model, name, qmodule)
-            reports.append(report_layer(name, qmodule.quantizer, W, time.perf_counter() - start))
+        for name in outside:  # layers outside every block (rare): the front door's plain fit
+            reports.append(compress_plain(name, layers[name]))
         for _ in range(self.config.em_rounds):
             self.em_round(model)
         return reports
