@@ -1,26 +1,14 @@
-"""What to compress and how: one typed config, parsed once from CLI/file strings such as ``pq:2``."""
+"""What to compress and how: one typed config (CLI strings such as ``rtn:4`` are parsed by
+``compresskit.rewrite.parse_override``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from compresskit.errors import CompressKitError
 from compresskit.registry import get_quantizer
 
 DENSE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def parse_method(spec: str) -> tuple[str, int | None]:
-    """``"pq:2"`` -> ("pq", 2); ``"rtn"`` -> ("rtn", None). One-line error for anything else."""
-    name, _, bits = spec.strip().partition(":")
-    if not name:
-        raise CompressKitError(f"method spec {spec!r} is empty; write it as METHOD or METHOD:BITS, e.g. pq:2")
-    if not bits:
-        return name, None
-    try:
-        return name, int(bits)
-    except ValueError:
-        raise CompressKitError(f"method spec {spec!r}: bits must be an integer, e.g. pq:2") from None
 
 
 @dataclass(frozen=True)
@@ -52,9 +40,6 @@ class CompressConfig:
         ]:
             self.quantizer_for(method, bits, params)._validate_params()
         return self
-
-    def with_overrides(self, **changes: Any) -> "CompressConfig":
-        return replace(self, **changes)
 
     def quantizer_for(self, method: str, bits: int, params: dict[str, Any]):
         cls = get_quantizer(method)

@@ -69,7 +69,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     from compresskit import io
     from compresskit.adapters import get_adapter
     from compresskit.compress import compress
-    from compresskit.config import CompressConfig, parse_method
+    from compresskit.config import CompressConfig
     from compresskit.rewrite import parse_override
 
     start = time.perf_counter()
@@ -79,7 +79,6 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     config = CompressConfig(
         method=req.method, bits=req.bits, params=params, include=req.include, exclude=req.exclude, overrides=overrides
     ).validated()
-    parse_method(f"{req.method}:{req.bits}")
     out = Path(req.out or f"out/{_slug(req.model or 'smollm2-135m')}-{req.method}{req.bits}")
     if out.exists() and not req.overwrite:
         raise CompressKitError(f"{out} already exists; choose another --out or pass --overwrite")

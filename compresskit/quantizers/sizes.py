@@ -47,7 +47,3 @@ class SizeReport:
             "bits_per_weight": self.bits_per_weight,
         }
 
-
-def dense_report(n_weights: int, bits: int = 16, name: str = "dense") -> SizeReport:
-    """Size of ``n_weights`` values kept uncompressed at ``bits`` each (16 for FP16)."""
-    return SizeReport(n_weights, {name: n_weights * bits})
