@@ -39,7 +39,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
         return {**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics}
     calibrator = None
     if args.calib != "none":
-        config = CalibConfig(em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr)
+        config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr)
         batches = (
             adapter.noise_batches(loaded, args.calib_samples, args.seq_len, seed=0)
             if args.calib == "zero-data"
@@ -59,6 +59,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
     return {
         **row,
         "params": params,
+        "local_rounds": args.local_rounds if args.calib != "none" else 0,
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
         "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--calib", default="none", choices=["none", "data", "zero-data"])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--local-rounds", type=int, default=0, help="layer-wise EM rounds (centroids, row scales, codes)")
     p.add_argument("--em-rounds", type=int, default=0)
     p.add_argument("--m-steps", type=int, default=0)
     p.add_argument("--m-objective", default="task", choices=["task", "block"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from compresskit.calib.estep import centroid_layout
+from compresskit.calib.estep import centroid_layout, centroid_target
 from compresskit.errors import CompressKitError
 
 
@@ -62,8 +62,10 @@ def reinit_dead(quantizer, W: torch.Tensor, usage: torch.Tensor, tau_dead: float
         return 0
 
     m, n_sub = quantizer.codes_.shape
-    W2 = W.detach().reshape(W.shape[0], -1).float()
-    if W2.shape[0] != m or n_sub * d - W2.shape[1] not in range(d):
+    if W.shape[0] != m:
+        raise CompressKitError(f"reinit_dead: the weight {tuple(W.shape)} does not match the quantizer's codes {(m, n_sub)}")
+    W2, _ = centroid_target(quantizer, W)  # centroids live in the space of W / row scale
+    if n_sub * d - W2.shape[1] not in range(d):
         raise CompressKitError(f"reinit_dead: the weight {tuple(W.shape)} does not match the quantizer's codes {(m, n_sub)} (d={d})")
     sub = torch.nn.functional.pad(W2, (0, n_sub * d - W2.shape[1])).reshape(m, n_sub, d)  # [m, n_sub, d]
     recon = table.reshape(-1, d)[book * k + quantizer.codes_.long()]  # [m, n_sub, d]

@@ -22,6 +22,9 @@ step never raises the objective. ``R H`` is computed once per sweep and updated 
 solution toward the plain weight distance, which guards against over-fitting a small calibration
 set. The descent is exact on the damped objective; as a guard on the true one, :func:`e_step`
 returns the codes of the sweep with the lowest undamped output error, never worse than the start.
+With row scales (``row_scale=True``, ``W_hat = diag(s) C[codes]``) the error of row i is ``s_i^2``
+times that of ``W_i / s_i`` against the centroids, so the codes are chosen for ``W / s`` and the
+reported error weighs rows by ``s_i^2``; see :func:`centroid_target`.
 Padded columns (``pad_``) are not part of the weight: their rows and columns of H are zero and not
 damped, so the padded coordinates of centroids play no part.
 """
@@ -58,6 +61,19 @@ def centroid_layout(quantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return table, book.contiguous()
 
 
+def centroid_target(quantizer, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the centroids approximate: ``(W2 / s [m, n] float32, s [m])`` for a weight ``W [m, ...]``.
+
+    ``s`` are the quantizer's row scales (ones without ``row_scale``): the centroids live in the space
+    of ``W / s``, so code search, dead-centroid seeding and soft candidates all work on ``W2 / s``.
+    """
+    from compresskit.quantizers.rowscale import normalise_rows, row_scale_of
+
+    W2 = W.detach().reshape(W.shape[0], -1).float()
+    s = row_scale_of(quantizer, W2.shape[0])
+    return normalise_rows(W2, s), s
+
+
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - W_hat) H (W - W_hat)^T)``: the squared output error over the inputs behind ``H``.
 
@@ -91,9 +107,11 @@ def _e_step(quantizer, W, H, n_sweeps, damp) -> tuple[torch.Tensor, list[float]]
     codes0 = quantizer.codes_
     m, n_sub = codes0.shape
     n_books, k, d = table.shape
-    W2 = W.detach().reshape(W.shape[0], -1).float()
+    if W.shape[0] != m:
+        raise CompressKitError(f"e_step: the weight {tuple(W.shape)} does not match the quantizer's codes {tuple(codes0.shape)}")
+    W2, row_s = centroid_target(quantizer, W)
     n = W2.shape[1]
-    if W2.shape[0] != m or n_sub * d - n not in range(d):
+    if n_sub * d - n not in range(d):
         raise CompressKitError(
             f"e_step: the weight {tuple(W.shape)} does not match the quantizer's codes {tuple(codes0.shape)} (d={d})"
         )
@@ -119,7 +137,7 @@ def _e_step(quantizer, W, H, n_sweeps, damp) -> tuple[torch.Tensor, list[float]]
     quad_cache: dict[tuple[int, int], torch.Tensor] = {}  # (book, subspace) -> c H_GG c^T per centroid [k]
 
     def true_error() -> float:
-        Rf = R.transpose(0, 1).reshape(m, n_pad)
+        Rf = R.transpose(0, 1).reshape(m, n_pad) * row_s[:, None]
         return float(((Rf @ H_true) * Rf).sum(dtype=torch.float64))
 
     errors = [true_error()]

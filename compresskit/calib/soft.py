@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compresskit.calib.estep import centroid_layout
+from compresskit.calib.estep import centroid_layout, centroid_target
 from compresskit.errors import CompressKitError
 
 
@@ -37,8 +37,10 @@ class SoftAssignment(nn.Module):
         m, n_sub = quantizer.codes_.shape
         if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
             raise CompressKitError(f"SoftAssignment: n_candidates must be a positive integer, got {n_candidates!r}")
-        W2 = W.detach().reshape(W.shape[0], -1).float()
-        if W2.shape[0] != m or n_sub * d - W2.shape[1] not in range(d):
+        if W.shape[0] != m:
+            raise CompressKitError(f"SoftAssignment: the weight {tuple(W.shape)} does not match the quantizer's codes {(m, n_sub)}")
+        W2, row_s = centroid_target(quantizer, W)  # centroids live in the space of W / row scale
+        if n_sub * d - W2.shape[1] not in range(d):
             raise CompressKitError(f"SoftAssignment: the weight {tuple(W.shape)} does not match the quantizer's codes {(m, n_sub)} (d={d})")
         n = min(n_candidates, k)
         self.shape = tuple(quantizer.shape_)
@@ -71,6 +73,7 @@ class SoftAssignment(nn.Module):
             self.table = nn.Parameter(state)
             self.register_buffer("entry", slot)  # [m, n_sub, n] rows of table.reshape(-1, d)
         self.register_buffer("candidates", cand)
+        self.register_buffer("row_scale", row_s)  # [m], ones without row_scale
         self.logits = nn.Parameter(logits)
         self.register_buffer("frozen", torch.zeros(m, n_sub, dtype=torch.bool))
         self.register_buffer("frozen_choice", torch.zeros(m, n_sub, dtype=torch.int64))
@@ -85,7 +88,7 @@ class SoftAssignment(nn.Module):
         """The soft weight ``sum_j p_j centroid_j`` in the quantizer's fitted shape, float32."""
         vecs = self.table.reshape(-1, self.d)[self.entry]  # [m, n_sub, n, d]
         sub = (self.probs().unsqueeze(-1) * vecs).sum(-2)  # [m, n_sub, d]
-        W = sub.reshape(sub.shape[0], -1)[:, : self.n_cols]
+        W = sub.reshape(sub.shape[0], -1)[:, : self.n_cols] * self.row_scale[:, None]
         return W.reshape(self.shape)
 
     def forward(self) -> torch.Tensor:

@@ -9,7 +9,8 @@ for zero-data calibration, Gaussian noise) and its task loss. The calibrator the
 2. for each block: run it on its inputs while hooks accumulate ``X^T X`` for every selected layer
    (GPTQ's streaming ``add_batch``; the activations themselves are never stored), fit each layer's
    quantizer with that Hessian (GPTQ) or fit it and re-assign codes against the layer's output error
-   (the EM calibrator's E-step, for ``pq``/``vq``), swap in the compressed module, optionally train
+   (the EM calibrator's E-step, for ``pq``/``vq``; with ``local_rounds``, then alternate it with
+   output-error-optimal centroids and row scales, see ``codebook.py``), swap in the compressed module, optionally train
    the block's codebooks to reproduce the uncompressed block's output (teacher-student M-step), and
    feed the *compressed* block's outputs to the next block.
 
@@ -42,6 +43,8 @@ class CalibConfig:
     the block walk) or "block" (match the uncompressed block's output, during the walk)."""
 
     e_sweeps: int = 1  # E-step sweeps over the subspaces of each layer
+    local_rounds: int = 0  # layer-wise EM rounds after the E-step: centroids, row scales, codes (codebook.py)
+    cg_iters: int = 25  # conjugate-gradient iterations per layer-wise centroid update
     em_rounds: int = 0  # whole-model EM rounds after the block walk (M-step, re-init, E-step)
     m_steps: int = 0  # optimizer steps per M-step
     m_objective: str = "task"
@@ -57,7 +60,7 @@ class CalibConfig:
     def validated(self) -> "CalibConfig":
         if self.m_objective not in ("task", "block"):
             raise CompressKitError(f"m_objective must be 'task' or 'block', got {self.m_objective!r}")
-        for name in ("e_sweeps", "em_rounds", "m_steps"):
+        for name in ("e_sweeps", "local_rounds", "cg_iters", "em_rounds", "m_steps"):
             if getattr(self, name) < 0:
                 raise CompressKitError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self
@@ -240,6 +243,10 @@ class BlockwiseCalibrator:
                 from compresskit.calib.estep import e_step
 
                 quantizer.codes_ = e_step(quantizer, W, H, n_sweeps=self.config.e_sweeps, damp=self.config.damp)
+                if self.config.local_rounds:
+                    from compresskit.calib.codebook import refine_layer
+
+                    refine_layer(quantizer, W, H, rounds=self.config.local_rounds, e_sweeps=self.config.e_sweeps, iters=self.config.cg_iters, damp=self.config.damp)
         return qcls.from_module(module, quantizer)
 
     # ---- M-steps ----------------------------------------------------------------------------

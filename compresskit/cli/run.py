@@ -32,6 +32,7 @@ class QuantizeRequest:
     calib_data: str | None = None
     calib_samples: int = 16
     calib_seq_len: int = 512
+    local_rounds: int = 2
     em_rounds: int = 0
     m_steps: int = 0
     m_objective: str = "task"
@@ -133,7 +134,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "bits": req.bits,
         "params": params,
         "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
-                        "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": req.m_objective}
+                        "local_rounds": req.local_rounds, "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": req.m_objective}
         if req.calib != "none" else {"mode": "none"},
         "out": str(out),
         "report": report.to_dict(),
@@ -146,7 +147,7 @@ def _calib_config(req: QuantizeRequest):
     from compresskit.calib.stream import CalibConfig
 
     objective = "block" if req.calib == "zero-data" else req.m_objective  # no labels in noise: match blocks
-    return CalibConfig(em_rounds=req.em_rounds, m_steps=req.m_steps, m_objective=objective, lr=req.lr).validated()
+    return CalibConfig(local_rounds=req.local_rounds, em_rounds=req.em_rounds, m_steps=req.m_steps, m_objective=objective, lr=req.lr).validated()
 
 
 def _calibrator(adapter, loaded, req: QuantizeRequest, config):

@@ -12,6 +12,9 @@ for the small layers of small language models, where 256-entry tables per subspa
 than the codes themselves. With the pool on (default), the codebooks are then replaced by one shared pool of
 ``N' = m n / (16 d^2)`` entries and a ``projection [n_books, k]`` int16 table (see ``pool.py``).
 
+``row_scale=True`` divides each row by its RMS before k-means and keeps that float16 scale per row
+(see ``rowscale.py``); off by default, as in the paper.
+
 Defaults by target bits follow the DPQ README: d = 2 (4-bit), 3 (3-bit), 4 (2-bit), 8 (1-bit).
 A width that d does not divide is zero-padded; the padding is recorded in ``pad_`` and cropped.
 """
@@ -27,6 +30,7 @@ from compresskit.quantizers.base import Quantizer, check_int
 from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
 from compresskit.quantizers.pool import build_pool, pool_size_for, refine_pool
+from compresskit.quantizers.rowscale import SCALE_BITS, fit_row_scale, normalise_rows
 from compresskit.registry import register_quantizer
 
 D_BY_BITS = {4: 2, 3: 3, 2: 4, 1: 8}
@@ -57,7 +61,8 @@ class PQ(Quantizer):
     """Product quantizer: per-subspace k-means codebooks, compressed into a shared pool.
 
     Learned state: ``codes_ [m, n_sub]`` uint8; ``codebooks_ [n_books, k, d]`` float16 when the pool
-    is off, or ``pool_ [P, d]`` float16 and ``projection_ [n_books, k]`` int16 when it is on.
+    is off, or ``pool_ [P, d]`` float16 and ``projection_ [n_books, k]`` int16 when it is on; with
+    ``row_scale``, ``scale_ [m]`` float16 (the weight is ``scale_[:, None] *`` the centroids).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class PQ(Quantizer):
         pool_size: int | None = None,
         tau_c: float = 0.05,
         pool_iters: int = 5,
+        row_scale: bool = False,
         seed: int = 0,
     ):
         self.bits = bits
@@ -86,6 +92,7 @@ class PQ(Quantizer):
         self.pool_size = pool_size
         self.tau_c = tau_c
         self.pool_iters = pool_iters
+        self.row_scale = row_scale
         self.seed = seed
 
     # ---- parameters -------------------------------------------------------------------------
@@ -102,6 +109,8 @@ class PQ(Quantizer):
         if self.pool_size is not None:
             check_int("pool_size", self.name, self.pool_size, 1, 1 << 31)
         check_int("pool_iters", self.name, self.pool_iters, 0, 1000)
+        if not isinstance(self.row_scale, bool):
+            raise CompressKitError(f"{self.name}: row_scale must be True or False, got {self.row_scale!r}")
 
     @property
     def code_bits_(self) -> int:
@@ -136,7 +145,10 @@ class PQ(Quantizer):
     def _size(self, shape: tuple[int, int]) -> dict[str, int]:
         rows, cols = shape
         _, n_sub, n_books, pool_entries = self._layout(rows, cols)
-        return {"codes": rows * n_sub * self.code_bits_, **self._table_bits(n_books, pool_entries)}
+        return {"codes": rows * n_sub * self.code_bits_, **self._table_bits(n_books, pool_entries), **self._scale_bits(rows)}
+
+    def _scale_bits(self, rows: int) -> dict[str, int]:
+        return {"scales": rows * SCALE_BITS} if self.row_scale else {}
 
     def _fitted_size(self) -> dict[str, int]:
         parts = {"codes": self.codes_.numel() * self.code_bits_}
@@ -145,6 +157,7 @@ class PQ(Quantizer):
             parts["projection"] = self.projection_.numel() * _index_bits(self.pool_.shape[0])
         else:
             parts["codebooks"] = self.codebooks_.numel() * FLOAT_BITS
+        parts.update(self._scale_bits(self.codes_.shape[0]))
         return parts
 
     # ---- fit / transform / inverse ----------------------------------------------------------
@@ -152,6 +165,9 @@ class PQ(Quantizer):
         m, n = W.shape
         d = self.d_
         self.share_, n_sub, n_books, pool_entries = self._layout(m, n)
+        if self.row_scale:
+            self.scale_ = fit_row_scale(W)  # [m] float16
+            W = normalise_rows(W, self.scale_)
         sub, self.pad_ = to_subvectors(W, d)  # [n_sub, m, d]
         per_book = m * min(self.share_, n_sub)
         if self.k > per_book:
@@ -205,6 +221,8 @@ class PQ(Quantizer):
         return flat_books[idx]
 
     def _transform(self, W: torch.Tensor) -> torch.Tensor:
+        if self.row_scale:
+            W = normalise_rows(W, self.scale_)
         sub, _ = to_subvectors(W, self.d_)
         codes = self._assign(sub, self.effective_codebooks())  # [n_sub, m]
         return codes.t().contiguous().to(code_dtype(self.code_bits_))  # [m, n_sub]
@@ -218,12 +236,15 @@ class PQ(Quantizer):
         else:
             sub = self.codebooks_.float().reshape(-1, self.d_)[idx]
         W = sub.reshape(m, n_sub * self.d_)
+        if self.row_scale:
+            W = W * self.scale_.float()[:, None]
         return W[:, : W.shape[1] - self.pad_]
 
     # ---- persistence ------------------------------------------------------------------------
     @property
     def _state_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("pool_", "projection_") if self.pooled_ else ("codebooks_",)
+        tables = ("pool_", "projection_") if self.pooled_ else ("codebooks_",)
+        return tables + (("scale_",) if self.row_scale else ())
 
     def _extra_meta(self) -> dict[str, Any]:
         meta = {"pad_": self.pad_, "pooled_": self.pooled_, "share_": self.share_}

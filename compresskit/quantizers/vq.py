@@ -3,6 +3,7 @@
 The weight ``[m, n]`` is cut into subvectors of d consecutive input columns (zero-padded when d does
 not divide n); all of them share one codebook of k centroids (``row_groups`` > 1: one codebook per
 block of ``m / row_groups`` rows). Defaults by target bits: d as for PQ, ``k = 2 ** (bits * d)``.
+``row_scale=True`` keeps a float16 scale per row, as for PQ (see ``rowscale.py``).
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from compresskit.quantizers.base import Quantizer, check_int
 from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
 from compresskit.quantizers.pq import FLOAT_BITS, subvector_dim, to_subvectors
+from compresskit.quantizers.rowscale import SCALE_BITS, fit_row_scale, normalise_rows
 from compresskit.registry import register_quantizer
 
 
 @register_quantizer("vq")
 class VQ(Quantizer):
-    """k-means vector quantizer. State: ``codes_ [m, n_sub]``, ``codebooks_ [row_groups, k, d]`` float16."""
-
-    _state_tensors = ("codebooks_",)
+    """k-means vector quantizer. State: ``codes_ [m, n_sub]``, ``codebooks_ [row_groups, k, d]`` float16,
+    and with ``row_scale`` ``scale_ [m]`` float16."""
 
     def __init__(
         self,
@@ -34,6 +35,7 @@ class VQ(Quantizer):
         n_iter: int = 20,
         init: str = "kmeans++",
         noise: float = 0.0,
+        row_scale: bool = False,
         seed: int = 0,
     ):
         self.bits = bits
@@ -43,6 +45,7 @@ class VQ(Quantizer):
         self.n_iter = n_iter
         self.init = init
         self.noise = noise
+        self.row_scale = row_scale
         self.seed = seed
 
     def _validate_params(self) -> None:
@@ -58,6 +61,12 @@ class VQ(Quantizer):
         check_int("n_iter", self.name, self.n_iter, 0, 10000)
         if self.init not in ("kmeans++", "random"):
             raise CompressKitError(f"{self.name}: init must be 'kmeans++' or 'random', got {self.init!r}")
+        if not isinstance(self.row_scale, bool):
+            raise CompressKitError(f"{self.name}: row_scale must be True or False, got {self.row_scale!r}")
+
+    @property
+    def _state_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("codebooks_", "scale_") if self.row_scale else ("codebooks_",)
 
     @property
     def code_bits_(self) -> int:
@@ -69,6 +78,7 @@ class VQ(Quantizer):
         return {
             "codes": rows * n_sub * self.code_bits_,
             "codebooks": self.row_groups * self.k_ * self.d_ * FLOAT_BITS,
+            **({"scales": rows * SCALE_BITS} if self.row_scale else {}),
         }
 
     def _groups(self, W: torch.Tensor) -> torch.Tensor:
@@ -81,7 +91,9 @@ class VQ(Quantizer):
         return sub.transpose(0, 1).reshape(self.row_groups, -1, self.d_).contiguous()
 
     def _fit(self, W: torch.Tensor) -> None:
-        X = self._groups(W)
+        if self.row_scale:
+            self.scale_ = fit_row_scale(W)  # [m] float16
+        X = self._groups(self._normalise(W))
         if self.k_ > X.shape[1]:
             raise CompressKitError(
                 f"{self.name}: k={self.k_} centroids need at least {self.k_} subvectors per codebook, "
@@ -90,8 +102,11 @@ class VQ(Quantizer):
         C, _, _ = kmeans(X, self.k_, self.n_iter, self.init, float(self.noise), self.seed)
         self.codebooks_ = C.to(torch.float16)  # [row_groups, k, d]
 
+    def _normalise(self, W: torch.Tensor) -> torch.Tensor:
+        return normalise_rows(W, self.scale_) if self.row_scale else W
+
     def _transform(self, W: torch.Tensor) -> torch.Tensor:
-        X = self._groups(W)
+        X = self._groups(self._normalise(W))
         codes = assign(X, self.codebooks_.float())  # [row_groups, rows_per_group * n_sub]
         return codes.reshape(W.shape[0], -1).to(code_dtype(self.code_bits_))  # [m, n_sub]
 
@@ -100,6 +115,8 @@ class VQ(Quantizer):
         group = (torch.arange(m) // (m // self.row_groups))[:, None]  # [m, 1]
         flat = self.codebooks_.float().reshape(-1, self.d_)
         W = flat[group * self.k_ + codes.long()].reshape(m, n_sub * self.d_)
+        if self.row_scale:
+            W = W * self.scale_.float()[:, None]
         return W[:, : W.shape[1] - self.pad_]
 
     def _extra_meta(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compresskit.calib.deadcode import reinit_dead, usage_counts
-from compresskit.calib.estep import centroid_layout, e_step
+from compresskit.calib.estep import centroid_layout, centroid_target, e_step
 from compresskit.errors import CompressKitError
 from compresskit.quantizers.vq import VQ
 from codebook_cases import CASES, IDS, fitted
@@ -69,7 +69,7 @@ def test_reseeds_come_from_the_worst_reconstructed_subvectors_and_are_seeded(cas
     table, book = centroid_layout(q)
     m, n_sub = q.codes_.shape
     d = table.shape[2]
-    W2 = W.reshape(m, -1)
+    W2, _ = centroid_target(q, W)  # centroids live in the space of W / row scale
     sub = torch.nn.functional.pad(W2, (0, n_sub * d - W2.shape[1])).reshape(m, n_sub, d)
     err = (sub - table.reshape(-1, d)[book * table.shape[1] + q.codes_.long()]).pow(2).sum(-1)
     if not getattr(q, "pooled_", False):

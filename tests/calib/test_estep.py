@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compresskit.calib.estep import _e_step, centroid_layout, e_step, output_error
+from compresskit.calib.estep import _e_step, centroid_layout, centroid_target, e_step, output_error
 from compresskit.errors import CompressKitError
 from compresskit.quantizers.pq import PQ
 from compresskit.quantizers.vq import VQ
@@ -15,6 +15,8 @@ CASES = [
     ("pq-conv-pad", lambda: PQ(bits=2, k=8, share=2, pool=False), (16, 3, 3, 3)),
     ("vq", lambda: VQ(bits=2, d=2, k=16), (48, 24)),
     ("vq-groups-pad", lambda: VQ(bits=2, d=2, k=16, row_groups=2), (48, 23)),
+    ("pq-rowscale", lambda: PQ(bits=2, k=16, share=2, pool=False, row_scale=True), (64, 24)),
+    ("vq-rowscale-pad", lambda: VQ(bits=2, d=2, k=16, row_scale=True), (48, 23)),
 ]
 
 
@@ -85,7 +87,7 @@ def nearest_codes(q, W):
     table, book = centroid_layout(q)  # [B, k, d], [m, n_sub]
     m, n_sub = book.shape
     d = table.shape[2]
-    W2 = W.reshape(m, -1)
+    W2, _ = centroid_target(q, W)  # centroids live in the space of W / row scale
     sub = torch.nn.functional.pad(W2, (0, n_sub * d - W2.shape[1])).reshape(m, n_sub, 1, d)
     real = (torch.arange(n_sub * d) < W2.shape[1]).float().reshape(n_sub, 1, d)
     dist = ((sub - table[book]) ** 2 * real).sum(-1)  # [m, n_sub, k]

@@ -10,12 +10,19 @@ from compresskit.quantizers import load_quantizer
 
 # tiny-shape parameters per family; a quantizer registered later falls back to {}
 SMALL: dict = {}
-ALL = sorted(available_quantizers())
+# options that change the stored state get the whole suite too: "name+option" -> (name, params)
+VARIANTS = {"pq+row_scale": ("pq", {"row_scale": True, "pool": False}), "pq+pool+row_scale": ("pq", {"row_scale": True}),
+            "vq+row_scale": ("vq", {"row_scale": True})}
+ALL = sorted(available_quantizers()) + sorted(VARIANTS)
+
+
+def cls_of(name):
+    return available_quantizers()[VARIANTS.get(name, (name, {}))[0]]
 
 
 def make(name, **params):
-    cls = available_quantizers()[name]
-    return cls(**{**SMALL.get(name, {}), **params})
+    base, variant = VARIANTS.get(name, (name, {}))
+    return cls_of(name)(**{**SMALL.get(base, {}), **variant, **params})
 
 
 def weight(rows=128, cols=48, dtype=torch.float32, seed=0):
@@ -93,7 +100,7 @@ def test_stored_bytes_match_size_accounting(name, tmp_path):
 
 @pytest.mark.parametrize("name", ALL)
 def test_clone_via_get_params(name):
-    q = make(name, seed=3) if "seed" in available_quantizers()[name].param_defaults() else make(name)
+    q = make(name, seed=3) if "seed" in cls_of(name).param_defaults() else make(name)
     c = q.clone()
     assert c is not q and c.get_params() == q.get_params() and not hasattr(c, "codes_")
     W = weight()

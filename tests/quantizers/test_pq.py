@@ -109,3 +109,31 @@ def test_stochastic_relaxation_is_seeded_and_not_worse_by_much():
 def test_bad_parameters(params, match):
     with pytest.raises(CompressKitError, match=match):
         PQ(**params).fit(torch.randn(512, 16))
+
+
+@pytest.mark.parametrize("cls", [PQ, VQ])
+def test_row_scale_fits_rows_of_unequal_size_better_and_costs_16_bits_a_row(cls):
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(256, 64, generator=gen) * torch.logspace(-2, 1, 256)[:, None]  # rows 0.01x to 10x
+    W[3] = 0  # a zero row stays exactly zero
+    kwargs = {"pool": False} if cls is PQ else {}
+    plain, scaled = cls(bits=2, **kwargs).fit(W), cls(bits=2, row_scale=True, **kwargs).fit(W)
+    assert torch.equal(scaled.inverse_transform()[3], torch.zeros(64))
+    # relative error per row: without scales the small rows are lost to the large ones
+    def per_row(q):
+        return ((q.inverse_transform() - W).pow(2).sum(1) / W.pow(2).sum(1).clamp(min=1e-12))[W.abs().sum(1) > 0]
+    assert per_row(scaled).median() < 0.5 * per_row(plain).median()
+    extra = scaled.size_report().parts_bits["scales"]
+    assert extra == 256 * 16 and scaled.size_report().total_bits == plain.size_report().total_bits + extra
+    assert scaled.scale_.dtype == torch.float16 and scaled.scale_.shape == (256,)
+
+
+def test_row_scale_is_trained_through_a_compressed_module():
+    from compresskit.nn import QuantizedLinear
+
+    lin = torch.nn.Linear(32, 48)
+    qm = QuantizedLinear.from_module(lin, PQ(bits=2, k=16, pool=False, row_scale=True))
+    assert "scale" in dict(qm.named_parameters())
+    qm.scale.requires_grad_(True)
+    qm(torch.randn(4, 32)).pow(2).sum().backward()
+    assert qm.scale.grad is not None and qm.scale.grad.abs().sum() > 0
