@@ -121,11 +121,13 @@ class LlamaAdapter(Adapter):
 
     method_defaults = {
         "pq": (
-            {"pool": False},
+            {"pool": False, "row_scale": True},
             "DPQ's codebook pool was sized for DiT-scale layers (6912 x 1152); on SmolLM2-135M's "
             "576-1536 wide layers it merges too much: measured at 2 bits with the E-step, perplexity "
-            "120.6 without the pool vs 14,520 with it, at the same 2.46-2.47 bits/weight "
-            "(docs/BENCHMARKS.md); pass --param pool=true for the paper's layout",
+            "120.6 without the pool vs 14,520 with it, at the same 2.46-2.47 bits/weight; row scales "
+            "(16 bits a row) let codebooks shared by rows of unequal size fit them all (see "
+            "docs/BENCHMARKS.md for the measured effect); pass --param pool=true / row_scale=false for "
+            "the paper's layout",
         )
     }
 

@@ -14,7 +14,7 @@ for zero-data calibration, Gaussian noise) and its task loss. The calibrator the
    the block's codebooks to reproduce the uncompressed block's output (teacher-student M-step), and
    feed the *compressed* block's outputs to the next block.
 
-Only one block's inputs are held at a time (optionally on disk), so memory does not grow with
+Only one block's inputs are held at a time (on disk with ``offload_dir``, see ``offload.py``), so memory does not grow with
 depth. After the walk, ``em_rounds`` rounds of the EM calibrator run on the whole model: an M-step
 (AdamW on every codebook/pool with the task loss), dead-centroid re-initialisation, and an E-step.
 """
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from compresskit.calib.hessian import HessianAccumulator, conv_inputs
+from compresskit.calib.offload import ActivationStore
 from compresskit.errors import CompressKitError
 from compresskit.nn import QuantizedModule, qmodule_for
 from compresskit.rewrite import replace_module
@@ -56,11 +57,12 @@ class CalibConfig:
     entropy_weight: float = 1e-3  # pushes soft assignments towards one candidate as training goes
     logit_lr: float = 0.05  # soft-assignment logits move in logit units: a far larger step than centroids
     seed: int = 0
+    offload_dir: str | None = None  # keep block activations in files under this directory, not in memory
 
     def validated(self) -> "CalibConfig":
         if self.m_objective not in ("task", "block"):
             raise CompressKitError(f"m_objective must be 'task' or 'block', got {self.m_objective!r}")
-        for name in ("e_sweeps", "local_rounds", "cg_iters", "em_rounds", "m_steps"):
+        for name in ("e_sweeps", "local_rounds", "cg_iters", "em_rounds", "m_steps", "soft_candidates"):
             if getattr(self, name) < 0:
                 raise CompressKitError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self
@@ -103,6 +105,7 @@ class BlockwiseCalibrator:
         self.hessians: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
         self.block_losses: dict[str, float] = {}
+        self.store = ActivationStore()  # replaced for each walk by one honouring offload_dir
 
     # ---- the walk ---------------------------------------------------------------------------
     def run(self, model: nn.Module, layers: dict[str, Any], make_quantizer, report_layer, compress_plain, progress=None) -> list:
@@ -112,21 +115,28 @@ class BlockwiseCalibrator:
         compressed layer, ``compress_plain(name, override)`` compresses a layer outside every block
         without activations (all three come from :func:`compresskit.compress`).
         """
+        with ActivationStore(self.config.offload_dir) as self.store:
+            reports = self._walk(model, layers, make_quantizer, report_layer, compress_plain, progress)
+        for _ in range(self.config.em_rounds):
+            self.em_round(model)
+        return reports
+
+    def _walk(self, model, layers, make_quantizer, report_layer, compress_plain, progress) -> list:
         reports = []
         keep_h = self.config.em_rounds > 0
         by_block = {b: [n for n in layers if n == b or n.startswith(b + ".")] for b in self.blocks}
         outside = [n for n in layers if not any(n in names for names in by_block.values())]
         chained = self._chained(model)
-        calls = self._capture(model, model.get_submodule(self.blocks[0]))
+        calls = self._capture(model, model.get_submodule(self.blocks[0]), slot=0)
         done = 0
         for i, block_name in enumerate(self.blocks):
             names = by_block[block_name]
             block = model.get_submodule(block_name)
             if i and not chained:  # something runs between blocks: re-run the (compressed) prefix
-                calls = self._capture(model, block)
+                calls = self._capture(model, block, slot=i % 2)
             if names:
                 hessians = self._hessians(block, block_name, names, calls)
-                teacher = self._outputs(block, calls) if self.config.m_objective == "block" and self.config.m_steps else None
+                teacher = self._outputs(block, calls, tag="teacher") if self.config.m_objective == "block" and self.config.m_steps else None
                 for name in names:
                     if progress is not None:
                         progress(name, done, len(layers))
@@ -145,12 +155,11 @@ class BlockwiseCalibrator:
                         self.block_losses[block_name] = self._soft_block_m_step(model, block_name, names, calls, teacher)
                     else:
                         self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
-            if chained:
-                calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, self._outputs(block, calls))]
+            if chained:  # the next block's inputs go to the other slot: this block's are still being read
+                outs = self._outputs(block, calls, tag=f"x{(i + 1) % 2}_")
+                calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, outs)]
         for name in outside:  # layers outside every block (rare): the front door's plain fit
             reports.append(compress_plain(name, layers[name]))
-        for _ in range(self.config.em_rounds):
-            self.em_round(model)
         return reports
 
     def _chained(self, model: nn.Module) -> bool:
@@ -179,11 +188,16 @@ class BlockwiseCalibrator:
                 return False
         return True
 
-    def _capture(self, model: nn.Module, first_block: nn.Module) -> list[_Call]:
+    def _capture(self, model: nn.Module, first_block: nn.Module, slot: int) -> list[_Call]:
+        """The inputs of ``first_block`` for every batch; the first positional tensor (the hidden
+        states, the large one) goes to the activation store under slot ``slot``."""
         calls: list[_Call] = []
 
         def hook(_module, args, kwargs):
-            calls.append(_Call(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            if args and torch.is_tensor(args[0]):
+                args = (self.store.put(f"x{slot}_{len(calls)}", args[0]),) + args[1:]
+            calls.append(_Call(args, dict(kwargs)))
             raise _Stop
 
         handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -200,11 +214,21 @@ class BlockwiseCalibrator:
             raise CompressKitError("a block was not reached by every calibration batch; wrong block names?")
         return calls
 
-    @staticmethod
-    def _outputs(block: nn.Module, calls: list[_Call]) -> list[torch.Tensor]:
+    def _run(self, block: nn.Module, call: _Call) -> torch.Tensor:
+        """``block``'s (first) output on one captured call."""
+        out = block(*(self.store.resolve(a) for a in call.args), **call.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _outputs(self, block: nn.Module, calls: list[_Call], tag: str | None = None) -> list:
+        """Run ``block`` on every call; with ``tag``, store each output as it comes (key tag + index)
+        and return their references, else return nothing (a pass for the hooks)."""
+        refs = []
         with torch.no_grad():
-            outs = [block(*c.args, **c.kwargs) for c in calls]
-        return [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+            for j, c in enumerate(calls):
+                out = self._run(block, c)
+                if tag is not None:
+                    refs.append(self.store.put(f"{tag}{j}", out))
+        return refs
 
     def _hessians(self, block: nn.Module, block_name: str, names: list[str], calls: list[_Call]) -> dict[str, torch.Tensor]:
         accs: dict[str, HessianAccumulator] = {}
@@ -287,10 +311,8 @@ class BlockwiseCalibrator:
 
     def _block_m_step(self, block: nn.Module, calls: list[_Call], teacher: list[torch.Tensor]) -> float:
         def loss_fn(step: int) -> torch.Tensor:
-            c = calls[step % len(calls)]
-            out = block(*c.args, **c.kwargs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            return (out - teacher[step % len(calls)]).pow(2).mean()
+            j = step % len(calls)
+            return (self._run(block, calls[j]) - self.store.resolve(teacher[j])).pow(2).mean()
 
         return self._optimise(block, loss_fn)
 
@@ -319,11 +341,9 @@ class BlockwiseCalibrator:
         loss_value = float("nan")
         try:
             for step in range(self.config.m_steps):
-                c = calls[step % len(calls)]
-                out = block(*c.args, **c.kwargs)
-                out = out[0] if isinstance(out, (tuple, list)) else out
+                j = step % len(calls)
                 ramp = (step + 1) / self.config.m_steps
-                loss = (out - teacher[step % len(calls)]).pow(2).mean()
+                loss = (self._run(block, calls[j]) - self.store.resolve(teacher[j])).pow(2).mean()
                 loss_value = loss.item()
                 loss = loss + self.config.entropy_weight * ramp * sum(soft.entropy() for _, soft in softs.values())
                 opt.zero_grad(set_to_none=True)

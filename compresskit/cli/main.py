@@ -85,10 +85,12 @@ def quantize(
     calib_data: Optional[str] = typer.Option(None, help="Calibration text file (default: pydoc topics, disjoint from evaluation)."),
     calib_samples: int = typer.Option(16, help="Calibration sequences."),
     calib_seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    offload_activations: Optional[str] = typer.Option(None, help="Keep calibration activations in files under this directory instead of memory (large models)."),
     local_rounds: int = typer.Option(2, help="Layer-wise EM rounds per codebook layer (output-optimal centroids and row scales, then codes)."),
     em_rounds: int = typer.Option(0, help="Whole-model EM rounds after the block walk (M-step, dead-centroid re-init, E-step)."),
     m_steps: int = typer.Option(0, help="AdamW steps per M-step (task loss; block-output loss with --m-objective block)."),
     m_objective: str = typer.Option("task", help="M-step loss: task | block."),
+    soft_candidates: int = typer.Option(0, help="VQ4DiT soft assignments over N candidate centroids in the block M-step (0: hard codes)."),
     lr: float = typer.Option(1e-4, help="M-step learning rate (AdamW, weight decay 0)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -99,8 +101,8 @@ def quantize(
         model=model, method=method, bits=bits, out=out, overwrite=overwrite, params=_params(param),
         include=tuple(include or ()), exclude=tuple(exclude or ()), overrides=tuple(override or ()), adapter=adapter,
         export=export, eval_tokens=eval_tokens, eval_data=eval_data, calib=calib, calib_data=calib_data,
-        calib_samples=calib_samples, calib_seq_len=calib_seq_len, local_rounds=local_rounds, em_rounds=em_rounds, m_steps=m_steps,
-        m_objective=m_objective, lr=lr,
+        calib_samples=calib_samples, calib_seq_len=calib_seq_len, local_rounds=local_rounds, offload_dir=offload_activations, em_rounds=em_rounds, m_steps=m_steps,
+        m_objective=m_objective, soft_candidates=soft_candidates, lr=lr,
     )
     result = run_quantize(request, quiet=as_json)
     output.print_json(result) if as_json else output.quantize_summary(result)

@@ -33,9 +33,11 @@ class QuantizeRequest:
     calib_samples: int = 16
     calib_seq_len: int = 512
     local_rounds: int = 2
+    offload_dir: str | None = None
     em_rounds: int = 0
     m_steps: int = 0
     m_objective: str = "task"
+    soft_candidates: int = 0
     lr: float = 1e-4
 
 
@@ -134,7 +136,8 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "bits": req.bits,
         "params": params,
         "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
-                        "local_rounds": req.local_rounds, "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": req.m_objective}
+                        "local_rounds": req.local_rounds, "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": calib_config.m_objective,
+                        "soft_candidates": req.soft_candidates}
         if req.calib != "none" else {"mode": "none"},
         "out": str(out),
         "report": report.to_dict(),
@@ -147,7 +150,12 @@ def _calib_config(req: QuantizeRequest):
     from compresskit.calib.stream import CalibConfig
 
     objective = "block" if req.calib == "zero-data" else req.m_objective  # no labels in noise: match blocks
-    return CalibConfig(local_rounds=req.local_rounds, em_rounds=req.em_rounds, m_steps=req.m_steps, m_objective=objective, lr=req.lr).validated()
+    if req.soft_candidates and objective != "block":
+        raise CompressKitError("--soft-candidates trains in the block M-step: use --m-objective block or --calib zero-data")
+    return CalibConfig(
+        offload_dir=req.offload_dir, local_rounds=req.local_rounds, em_rounds=req.em_rounds, m_steps=req.m_steps,
+        m_objective=objective, soft_candidates=req.soft_candidates, lr=req.lr,
+    ).validated()
 
 
 def _calibrator(adapter, loaded, req: QuantizeRequest, config):

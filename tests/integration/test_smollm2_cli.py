@@ -52,6 +52,8 @@ def test_quantize_save_reload_eval_info(tmp_path):
         (["quantize", "--model", "/no/such/model"], "not found"),
         (["quantize", "--model", "llama2-7b"], "huggingface-cli download"),
         (["quantize", "--calib", "sometimes"], "--calib"),
+        (["quantize", "--soft-candidates", "4"], "--soft-candidates trains in the block M-step"),
+        (["quantize", "--local-rounds", "-1"], "local_rounds must be >= 0"),
         (["eval", "/no/such/dir"], "not found"),
     ],
 )
@@ -74,3 +76,34 @@ def test_quantize_with_calibration_on_two_blocks(tmp_path):
     assert result["calibration"]["mode"] == "data"
     before, after = (result["report"]["metrics"][k]["perplexity"] for k in ("before", "after"))
     assert after < before * 2
+
+
+def test_pq_layerwise_em_with_activations_on_disk(tmp_path):
+    """pq through the E-step and layer-wise EM rounds, with activations offloaded to a directory."""
+    out, acts = tmp_path / "smol-pq2", tmp_path / "acts"
+    proc = cli(
+        "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.0.*", "--calib-samples", "2",
+        "--calib-seq-len", "64", "--local-rounds", "1", "--offload-activations", str(acts), "--eval-tokens", "512",
+        "--out", str(out), "--json",
+    )
+    result = json.loads(proc.stdout)
+    assert result["calibration"]["local_rounds"] == 1
+    assert acts.is_dir() and list(acts.iterdir()) == []  # the activation files were removed
+    layer = result["report"]["layers"][0]
+    assert layer["params"]["row_scale"] is True and layer["params"]["pool"] is False  # the adapter's pq defaults
+    before, after = (result["report"]["metrics"][k]["perplexity"] for k in ("before", "after"))
+    assert after < before * 1.5
+
+
+def test_zero_data_with_soft_assignments(tmp_path):
+    out = tmp_path / "smol-zd"
+    proc = cli(
+        "quantize", "--method", "pq", "--bits", "3", "--include", "model.layers.0.self_attn.*", "--calib", "zero-data",
+        "--calib-samples", "2", "--calib-seq-len", "32", "--m-steps", "4", "--soft-candidates", "2", "--local-rounds", "0",
+        "--eval-tokens", "256", "--out", str(out), "--json",
+    )
+    result = json.loads(proc.stdout)
+    assert result["calibration"]["mode"] == "zero-data" and result["calibration"]["soft_candidates"] == 2
+    assert result["calibration"]["m_objective"] == "block"
+    after = result["report"]["metrics"]["after"]["perplexity"]
+    assert after == after and after < 1e4  # finite
