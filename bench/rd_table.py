@@ -11,6 +11,8 @@ def label(r: dict) -> str:
     name = r["method"] if r["method"] != "fp" else "FP (float32 weights; size at FP16)"
     if r.get("calib", "none") != "none":
         name += f" + {r['calib']} calib" + (f" ({r['calib_samples']}x{r['seq_len']} tok)" if "seq_len" in r else "")
+    if r.get("local_rounds"):
+        name += f" + layer-wise EM x{r['local_rounds']}"
     if r.get("em_rounds"):
         name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps, lr {r.get('lr', 1e-4):g})"
     extra = {k: v for k, v in (r.get("params") or {}).items()}

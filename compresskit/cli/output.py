@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -30,7 +31,8 @@ def methods_table(table: dict[str, dict[str, Any]], docs: dict[str, str]) -> Non
     t.add_column("parameters (defaults)")
     t.add_column("what it is")
     for name, params in table.items():
-        t.add_row(name, ", ".join(f"{k}={v!r}" for k, v in params.items()), docs.get(name, ""))
+        # docstrings hold shapes like [in, in], which rich would read as markup and drop
+        t.add_row(escape(name), escape(", ".join(f"{k}={v!r}" for k, v in params.items())), escape(docs.get(name, "")))
     console.print(t)
 
 

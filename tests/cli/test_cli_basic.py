@@ -67,3 +67,13 @@ def test_console_script_exit_code():
         capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+def test_methods_table_keeps_bracketed_text(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    from compresskit.cli import output
+    from rich.console import Console
+
+    monkeypatch.setattr(output, "console", Console(width=250))
+    code, out, _ = run(capsys, "methods")
+    assert code == 0 and "[in, in]" in out  # rich markup would have eaten the shape
