@@ -44,7 +44,7 @@ class CalibConfig:
     the block walk) or "block" (match the uncompressed block's output, during the walk)."""
 
     e_sweeps: int = 1  # E-step sweeps over the subspaces of each layer
-    local_rounds: int = 0  # layer-wise EM rounds after the E-step: centroids, row scales, codes (codebook.py)
+    local_rounds: int = 2  # layer-wise EM rounds after the E-step: centroids, row scales, codes (codebook.py)
     cg_iters: int = 25  # conjugate-gradient iterations per layer-wise centroid update
     em_rounds: int = 0  # whole-model EM rounds after the block walk (M-step, re-init, E-step)
     m_steps: int = 0  # optimizer steps per M-step
@@ -365,16 +365,43 @@ class BlockwiseCalibrator:
 
         A layer whose output error (on its calibration Hessian) would rise through the re-init is
         restored and only re-assigned: the E-step never lets the error grow, so the round cannot
-        make a layer worse than the M-step left it.
+        make a layer worse than the M-step left it. With a task loss, the re-init and E-step are
+        kept only if the mean calibration loss does not rise through them (else the round ends with
+        the M-step's state).
 
         Returns the last M-step loss (nan without an M-step).
         """
-        from compresskit.calib.deadcode import reinit_dead, usage_counts
-        from compresskit.calib.estep import e_step, output_error
-
         loss = float("nan")
         if self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
             loss = self._optimise(model, lambda step: self.task_loss(model, self.batches[step % len(self.batches)]))
+        # re-assignment serves each layer's output error, which is not the task loss the M-step just
+        # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
+        after_m = self._calibration_loss(model)
+        snapshot = {name: ({k: t.detach().clone() for k, t in m.state_tensors().items()}, m.codes.clone())
+                    for name, m in model.named_modules() if name in self.originals and isinstance(m, QuantizedModule)}
+        self._reassign(model)
+        if after_m is not None and not self._calibration_loss(model) <= after_m:
+            for name, (tensors, codes) in snapshot.items():
+                module = model.get_submodule(name)
+                with torch.no_grad():
+                    for k, t in module.state_tensors().items():
+                        t.copy_(tensors[k])
+                    module.codes.copy_(codes)
+                module._sync()
+        return loss
+
+    def _calibration_loss(self, model: nn.Module) -> float | None:
+        """Mean task loss over the calibration batches (None without a task loss)."""
+        if self.task_loss is None:
+            return None
+        with torch.no_grad():
+            return sum(float(self.task_loss(model, b)) for b in self.batches) / len(self.batches)
+
+    def _reassign(self, model: nn.Module) -> None:
+        """Dead-centroid re-initialisation and E-step on every codebook layer (guarded per layer)."""
+        from compresskit.calib.deadcode import reinit_dead, usage_counts
+        from compresskit.calib.estep import e_step, output_error
+
         for name, module in model.named_modules():
             if name not in self.originals or not isinstance(module, QuantizedModule):
                 continue
@@ -396,7 +423,6 @@ class BlockwiseCalibrator:
                     module.codes.copy_(saved_codes)
                 module._sync()
                 module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
-        return loss
 
 
 def _soft_weight_hook(soft):
