@@ -101,7 +101,11 @@ def plot(jsonls: list[Path], png: Path) -> None:
             continue
         label = r["method"] + ("" if r.get("calib", "none") == "none" else " + E-step" if r["method"] != "gptq" else " (calibrated)")
         label += f" + EM (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
-        label += " no pool" if (r.get("params") or {}).get("pool") is False else ""
+        label += f" + layer-wise EM x{r['local_rounds']}" if r.get("local_rounds") else ""
+        params = r.get("params") or {}
+        label += " no pool" if params.get("pool") is False else ""
+        label += " row scale" if params.get("row_scale") else ""
+        label += f" g{params['group_size']}" if params.get("group_size") else ""
         label += f" ({r['note']})" if r.get("note") else ""
         series.setdefault(label, []).append((r["bits_per_weight_layers"], r["perplexity"]))
     colors = plt.cm.tab20.colors
