@@ -181,7 +181,7 @@ class LlamaAdapter(Adapter):
         """``n_samples`` batches ``{"input_ids": LongTensor [1, seq_len]}`` from after the evaluation region."""
         tokens = token_stream(_tokenizer(loaded), source)
         windows = calib_windows(tokens, n_samples, seq_len, seed=seed)  # [n_samples, seq_len]
-        return [{"input_ids": w.unsqueeze(0)} for w in windows]
+        return [{"input_ids": w.unsqueeze(0), "use_cache": False} for w in windows]
 
     def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return lm_loss(model, batch)
@@ -236,6 +236,6 @@ class LlamaAdapter(Adapter):
         mean, std = float(emb.mean()), float(emb.std())
         gen = torch.Generator().manual_seed(seed)
         return [
-            {"inputs_embeds": torch.randn(1, seq_len, emb.shape[1], generator=gen) * std + mean}
+            {"inputs_embeds": torch.randn(1, seq_len, emb.shape[1], generator=gen) * std + mean, "use_cache": False}
             for _ in range(n_samples)
         ]

@@ -195,6 +195,7 @@ class BlockwiseCalibrator:
 
         def hook(_module, args, kwargs):
             args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            kwargs = _without_cache(kwargs)
             if args and torch.is_tensor(args[0]):
                 args = (self.store.put(f"x{slot}_{len(calls)}", args[0]),) + args[1:]
             calls.append(_Call(args, dict(kwargs)))
@@ -423,6 +424,19 @@ class BlockwiseCalibrator:
                     module.codes.copy_(saved_codes)
                 module._sync()
                 module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """Block kwargs with any KV cache dropped. A cache captured with the inputs (transformers creates
+    one unless ``use_cache=False``) would be appended to by every later call of the block, so each
+    pass would attend to the keys of earlier passes and autograd would reach into old graphs."""
+    kwargs = dict(kwargs)
+    for key in ("past_key_values", "past_key_value", "layer_past"):
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def _soft_weight_hook(soft):

@@ -177,7 +177,7 @@ def _batched(batches: list, size: int = 8) -> list:
     out = []
     for i in range(0, len(batches), size):
         group = batches[i : i + size]
-        out.append({k: torch.cat([b[k] for b in group]) for k in group[0]})
+        out.append({k: torch.cat([b[k] for b in group]) if torch.is_tensor(v) else v for k, v in group[0].items()})
     return out
 
 

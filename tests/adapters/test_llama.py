@@ -196,3 +196,20 @@ def test_smollm2_from_gguf():
     assert len(adapter.blocks(got.model)) == 30
     result = adapter.evaluate(got, n_tokens=1024, window=512)
     assert math.isfinite(result["perplexity"]) and 2 < result["perplexity"] < 100
+
+
+def test_calibrator_drops_the_kv_cache_so_repeated_block_runs_agree(loaded):
+    """transformers creates a KV cache unless told not to; captured with the block's inputs, it made
+    every later run of the block attend to the keys of earlier runs."""
+    from compresskit.calib.stream import BlockwiseCalibrator
+
+    adapter = LlamaAdapter()
+    batches = [{"input_ids": b["input_ids"]} for b in adapter.calibration_batches(loaded, None, n_samples=2, seq_len=16, seed=0)]
+    blocks = adapter.blocks(loaded.model)
+    cal = BlockwiseCalibrator(blocks, batches)
+    calls = cal._capture(loaded.model, loaded.model.get_submodule(blocks[0]), slot=0)
+    assert all(c.kwargs.get("past_key_values") is None for c in calls)
+    block = loaded.model.get_submodule(blocks[0])
+    with torch.no_grad():
+        first, again = cal._run(block, calls[0]), cal._run(block, calls[0])
+    assert torch.equal(first, again)

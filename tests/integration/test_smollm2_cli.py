@@ -26,7 +26,7 @@ def test_quantize_save_reload_eval_info(tmp_path):
         "--override", "model.layers.1.mlp.*=rtn:4", "--eval-tokens", "512", "--calib", "none", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["params"] == {"pool": False}  # the LLaMA adapter's measured default for pq
+    assert result["params"] == {"pool": False, "row_scale": True}  # the LLaMA adapter's measured defaults for pq
     report = result["report"]
     assert report["graph_method"] == "export"  # symbolic_trace cannot trace transformers' LLaMA
     assert report["n_layers_compressed"] == 14
@@ -100,7 +100,7 @@ def test_zero_data_with_soft_assignments(tmp_path):
     proc = cli(
         "quantize", "--method", "pq", "--bits", "3", "--include", "model.layers.0.self_attn.*", "--calib", "zero-data",
         "--calib-samples", "2", "--calib-seq-len", "32", "--m-steps", "4", "--soft-candidates", "2", "--local-rounds", "0",
-        "--eval-tokens", "256", "--out", str(out), "--json",
+        "--eval-tokens", "512", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
     assert result["calibration"]["mode"] == "zero-data" and result["calibration"]["soft_candidates"] == 2
