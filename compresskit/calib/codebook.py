@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from compresskit.calib.estep import _e_step, centroid_layout, centroid_target
+from compresskit.calib.estep import _e_step, centroid_layout, centroid_target, padded_hessians
 from compresskit.errors import CompressKitError
 
 
@@ -43,12 +43,7 @@ def _system(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float):
         state, entry = quantizer.pool_, quantizer.projection_.long().reshape(-1)[slot]
     else:
         state, entry = quantizer.codebooks_, slot
-    Hd = H.double()
-    Hd = Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(n, dtype=torch.float64)
-    H_damp = torch.zeros(n_pad, n_pad)
-    H_damp[:n, :n] = Hd.float()
-    H_true = torch.zeros(n_pad, n_pad)
-    H_true[:n, :n] = H.float()
+    H_damp, H_true = padded_hessians(H, n_pad, damp)
     return state, entry, torch.nn.functional.pad(target, (0, n_pad - n)), s, H_damp, H_true
 
 

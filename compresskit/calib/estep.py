@@ -74,6 +74,22 @@ def centroid_target(quantizer, W: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return normalise_rows(W2, s), s
 
 
+def padded_hessians(H: torch.Tensor, n_pad: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(damped H, H)`` as float32 ``[n_pad, n_pad]``, zero on the padded rows and columns.
+
+    The damping adds ``damp * mean(diag H)`` to the real diagonal only: padded coordinates are not
+    part of the weight and stay out of both objectives.
+    """
+    n = H.shape[0]
+    Hd = H.double()
+    Hd = Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(n, dtype=torch.float64)
+    damped = torch.zeros(n_pad, n_pad, dtype=torch.float32)
+    damped[:n, :n] = Hd.float()
+    true = torch.zeros(n_pad, n_pad, dtype=torch.float32)
+    true[:n, :n] = H.float()
+    return damped, true
+
+
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((W - W_hat) H (W - W_hat)^T)``: the squared output error over the inputs behind ``H``.
 
@@ -120,13 +136,8 @@ def _e_step(quantizer, W, H, n_sweeps, damp) -> tuple[torch.Tensor, list[float]]
     if not torch.isfinite(H).all():
         raise CompressKitError("e_step: H has NaN or infinite values; check the calibration inputs")
     n_pad = n_sub * d
-    Hd = H.double()
-    Hd = Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(n, dtype=torch.float64)
-    Hp = torch.zeros(n_pad, n_pad, dtype=torch.float32)  # damped H, zero on padded rows/cols
-    Hp[:n, :n] = Hd.float()
+    Hp, H_true = padded_hessians(H, n_pad, damp)
     Wp = torch.nn.functional.pad(W2, (0, n_pad - n))  # [m, n_pad]
-    H_true = torch.zeros(n_pad, n_pad, dtype=torch.float32)
-    H_true[:n, :n] = H.float()
 
     flat = table.reshape(-1, d)  # [B*k, d]
     codes = codes0.long().t().contiguous()  # [n_sub, m], subspace-major so each step reads contiguous memory

@@ -378,17 +378,13 @@ class BlockwiseCalibrator:
         # re-assignment serves each layer's output error, which is not the task loss the M-step just
         # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
         after_m = self._calibration_loss(model)
-        snapshot = {name: ({k: t.detach().clone() for k, t in m.state_tensors().items()}, m.codes.clone())
-                    for name, m in model.named_modules() if name in self.originals and isinstance(m, QuantizedModule)}
+        snapshots = {} if after_m is None else {
+            name: _snapshot(m) for name, m in model.named_modules() if name in self.originals and isinstance(m, QuantizedModule)
+        }
         self._reassign(model)
         if after_m is not None and not self._calibration_loss(model) <= after_m:
-            for name, (tensors, codes) in snapshot.items():
-                module = model.get_submodule(name)
-                with torch.no_grad():
-                    for k, t in module.state_tensors().items():
-                        t.copy_(tensors[k])
-                    module.codes.copy_(codes)
-                module._sync()
+            for name, snap in snapshots.items():
+                _restore(model.get_submodule(name), snap)
         return loss
 
     def _calibration_loss(self, model: nn.Module) -> float | None:
@@ -409,8 +405,7 @@ class BlockwiseCalibrator:
             module._sync()
             q, W, H = module.quantizer, self.originals[name], self.hessians[name]
             before = output_error(W, q.inverse_transform().float(), H)
-            saved = {k: t.detach().clone() for k, t in module.state_tensors().items()}
-            saved_codes = module.codes.clone()
+            saved = _snapshot(module)
             # the paper's tau_dead counts uses over forward passes: each M-step pass used the current codes once
             usage = usage_counts(q) * max(1, self.config.m_steps)
             reinit_dead(q, W, usage, tau_dead=self.config.tau_dead, seed=self.config.seed)
@@ -418,12 +413,23 @@ class BlockwiseCalibrator:
             module._sync()
             if output_error(W, q.inverse_transform().float(), H) > before:
                 # with few passes the usage count flags live centroids as dead; never pay for a re-init
-                with torch.no_grad():
-                    for k, t in module.state_tensors().items():
-                        t.copy_(saved[k])
-                    module.codes.copy_(saved_codes)
-                module._sync()
+                _restore(module, saved)
                 module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+
+
+def _snapshot(module: QuantizedModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Copies of a compressed module's learned tensors and codes, for :func:`_restore`."""
+    return {k: t.detach().clone() for k, t in module.state_tensors().items()}, module.codes.clone()
+
+
+def _restore(module: QuantizedModule, snapshot: tuple[dict[str, torch.Tensor], torch.Tensor]) -> None:
+    """Write a :func:`_snapshot` back in place (the quantizer shares the module's tensors)."""
+    tensors, codes = snapshot
+    with torch.no_grad():
+        for k, t in module.state_tensors().items():
+            t.copy_(tensors[k])
+        module.codes.copy_(codes)
+    module._sync()
 
 
 def _without_cache(kwargs: dict) -> dict:
