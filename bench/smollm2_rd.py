@@ -39,7 +39,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
         return {**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics}
     calibrator = None
     if args.calib != "none":
-        config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr)
+        config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr, asymmetric=not args.symmetric, sequential=not args.one_stage)
         batches = (
             adapter.noise_batches(loaded, args.calib_samples, args.seq_len, seed=0)
             if args.calib == "zero-data"
@@ -60,6 +60,8 @@ def run_one(method: str, bits: int | None, args) -> dict:
         **row,
         "params": params,
         "local_rounds": args.local_rounds if args.calib != "none" else 0,
+        "asymmetric": bool(calibrator is not None and calibrator.asymmetric),
+        "sequential": bool(calibrator is not None and calibrator.config.sequential),
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
         "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],
@@ -102,6 +104,8 @@ def plot(jsonls: list[Path], png: Path) -> None:
         label = r["method"] + ("" if r.get("calib", "none") == "none" else " + E-step" if r["method"] != "gptq" else " (calibrated)")
         label += f" + EM (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
         label += f" + layer-wise EM x{r['local_rounds']}" if r.get("local_rounds") else ""
+        label += " asym" if r.get("asymmetric") else ""
+        label += " seq" if r.get("sequential") else ""
         params = r.get("params") or {}
         label += " no pool" if params.get("pool") is False else ""
         label += " row scale" if params.get("row_scale") else ""
@@ -133,6 +137,8 @@ def main() -> None:
     p.add_argument("--calib", default="none", choices=["none", "data", "zero-data"])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--symmetric", action="store_true", help="layers match the uncompressed layer on the compressed model's inputs (not the original model's outputs)")
+    p.add_argument("--one-stage", action="store_true", help="all of a block's layers from one pass of statistics (not stage by stage)")
     p.add_argument("--local-rounds", type=int, default=0, help="layer-wise EM rounds (centroids, row scales, codes)")
     p.add_argument("--em-rounds", type=int, default=0)
     p.add_argument("--m-steps", type=int, default=0)

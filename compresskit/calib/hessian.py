@@ -109,3 +109,30 @@ def conv_inputs(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
         padding = (0, 0)
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)  # [B, C*kh*kw, L]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight a layer should approximate so its outputs match the *uncompressed* model's.
+
+    A layer of the compressed model sees inputs ``X_q`` that earlier compression has moved away from
+    the original model's ``X``. Matching the original outputs, ``|X_q W_hat^T - X W^T|^2``, equals
+    ``tr((W_hat - T) H (W_hat - T)^T)`` up to a constant, with ``H = X_q^T X_q / N`` and
+    ``T = W G^T H^{-1}``, ``G = X_q^T X / N`` (the asymmetric calibration of GPTAQ, Li et al. 2025).
+    So every Hessian-driven solver (GPTQ, the E-step, the layer-wise M-step) keeps its objective and
+    only swaps ``W`` for ``T``. Written as ``T = W + W (G - H)^T (H + lambda I)^{-1}`` with the
+    damping ``lambda = damp * mean(diag H)`` on the correction only, so ``T == W`` exactly when
+    ``X_q == X``.
+
+    ``W``: ``[m, ...]`` (flattened to ``[m, n]``); ``H``, ``G``: ``[n, n]``. Returns float32 in ``W``'s shape.
+    """
+    W2 = W.detach().reshape(W.shape[0], -1).double()
+    n = W2.shape[1]
+    if H.shape != (n, n) or G.shape != (n, n):
+        raise CompressKitError(f"asymmetric_target: H {tuple(H.shape)} and G {tuple(G.shape)} must be [{n}, {n}] for this weight")
+    Hd = H.double()
+    Hd = Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(n, dtype=torch.float64) + 1e-12 * torch.eye(n, dtype=torch.float64)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info):
+        raise CompressKitError("asymmetric_target: the damped Hessian is not positive definite; raise damp")
+    correction = torch.cholesky_solve(((G.double() - H.double()) @ W2.T), L).T  # W (G - H)^T Hd^{-1}
+    return (W2 + correction).float().reshape(W.shape)

@@ -20,6 +20,7 @@ depth. After the walk, ``em_rounds`` rounds of the EM calibrator run on the whol
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from compresskit.calib.hessian import HessianAccumulator, conv_inputs
+from compresskit.calib.hessian import HessianAccumulator, asymmetric_target, conv_inputs
 from compresskit.calib.offload import ActivationStore
 from compresskit.errors import CompressKitError
 from compresskit.nn import QuantizedModule, qmodule_for
@@ -58,6 +59,8 @@ class CalibConfig:
     logit_lr: float = 0.05  # soft-assignment logits move in logit units: a far larger step than centroids
     seed: int = 0
     offload_dir: str | None = None  # keep block activations in files under this directory, not in memory
+    asymmetric: bool = True  # chained blocks: layers match the uncompressed model's outputs (hessian.asymmetric_target)
+    sequential: bool = True  # layers of a block in stages; each stage's statistics see the earlier stages compressed
 
     def validated(self) -> "CalibConfig":
         if self.m_objective not in ("task", "block"):
@@ -66,6 +69,16 @@ class CalibConfig:
             if getattr(self, name) < 0:
                 raise CompressKitError(f"{name} must be >= 0, got {getattr(self, name)}")
         return self
+
+
+@dataclass
+class _Stats:
+    """What :meth:`BlockwiseCalibrator._statistics` measured on one block."""
+
+    hessians: dict[str, torch.Tensor]
+    crosses: dict[str, torch.Tensor]
+    fp_outputs: list | None
+    stages: list[list[str]]
 
 
 class _Stop(Exception):
@@ -106,6 +119,7 @@ class BlockwiseCalibrator:
         self.originals: dict[str, torch.Tensor] = {}
         self.block_losses: dict[str, float] = {}
         self.store = ActivationStore()  # replaced for each walk by one honouring offload_dir
+        self.asymmetric = False  # set by the walk: asymmetric targets were used (config asks, blocks chained)
 
     # ---- the walk ---------------------------------------------------------------------------
     def run(self, model: nn.Module, layers: dict[str, Any], make_quantizer, report_layer, compress_plain, progress=None) -> list:
@@ -127,40 +141,67 @@ class BlockwiseCalibrator:
         by_block = {b: [n for n in layers if n == b or n.startswith(b + ".")] for b in self.blocks}
         outside = [n for n in layers if not any(n in names for names in by_block.values())]
         chained = self._chained(model)
+        self.asymmetric = asym = self.config.asymmetric and chained
         calls = self._capture(model, model.get_submodule(self.blocks[0]), slot=0)
+        fp_calls = calls  # with asym: the uncompressed model's inputs of the current block
         done = 0
         for i, block_name in enumerate(self.blocks):
             names = by_block[block_name]
             block = model.get_submodule(block_name)
             if i and not chained:  # something runs between blocks: re-run the (compressed) prefix
                 calls = self._capture(model, block, slot=i % 2)
-            if names:
-                hessians = self._hessians(block, block_name, names, calls)
-                teacher = self._outputs(block, calls, tag="teacher") if self.config.m_objective == "block" and self.config.m_steps else None
-                for name in names:
+            fp_tag = f"f{(i + 1) % 2}_"
+            fp_outs = None
+            # with sequential: later stages see the outputs of already-compressed layers of this block,
+            # so the original block is kept aside for the original model's stream
+            fp_block = copy.deepcopy(block) if names and asym and self.config.sequential else block
+            pending, teacher = list(names), None
+            while pending:
+                stats = self._statistics(block, block_name, pending, calls, (fp_block, fp_calls) if asym else None, fp_tag if fp_outs is None else None)
+                hessians, crosses, stages = stats.hessians, stats.crosses, stats.stages
+                if fp_outs is None:
+                    fp_outs = stats.fp_outputs
+                    if self.config.m_objective == "block" and self.config.m_steps:
+                        teacher = fp_outs if asym else self._outputs(block, calls, tag="teacher")
+                stage = stages[0] if self.config.sequential else pending
+                for name in stage:
                     if progress is not None:
                         progress(name, done, len(layers))
                     start = time.perf_counter()
                     module = model.get_submodule(name)
                     W = module.weight.detach().clone()
-                    qmodule = self._compress_layer(module, make_quantizer(layers[name]), W, hessians[name])
+                    quantizer = make_quantizer(layers[name])
+                    target = W
+                    if name in crosses and self._hessian_driven(quantizer):
+                        target = asymmetric_target(W, hessians[name], crosses[name], damp=self.config.damp).to(W.dtype)
+                    qmodule = self._compress_layer(module, quantizer, target, hessians[name])
                     replace_module(model, name, qmodule)
                     reports.append(report_layer(name, qmodule.quantizer, W, time.perf_counter() - start))
                     if keep_h and qmodule.quantizer.name in CODEBOOK_METHODS:
                         self.hessians[name] = hessians[name].float()
-                        self.originals[name] = W
+                        self.originals[name] = target
                     done += 1
-                if teacher is not None:
-                    if self.config.soft_candidates:
-                        self.block_losses[block_name] = self._soft_block_m_step(model, block_name, names, calls, teacher)
-                    else:
-                        self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
+                pending = [n for n in pending if n not in stage]
+            del fp_block
+            if teacher is not None:
+                if self.config.soft_candidates:
+                    self.block_losses[block_name] = self._soft_block_m_step(model, block_name, names, calls, teacher)
+                else:
+                    self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
             if chained:  # the next block's inputs go to the other slot: this block's are still being read
+                if asym and fp_outs is None:  # nothing compressed here: the block is still the original
+                    fp_outs = self._outputs(block, fp_calls, tag=fp_tag)
                 outs = self._outputs(block, calls, tag=f"x{(i + 1) % 2}_")
                 calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, outs)]
+                if asym:
+                    fp_calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(fp_calls, fp_outs)]
         for name in outside:  # layers outside every block (rare): the front door's plain fit
             reports.append(compress_plain(name, layers[name]))
         return reports
+
+    def _hessian_driven(self, quantizer) -> bool:
+        """Does this quantizer's fit use the Hessian (GPTQ, or a codebook with the E-step)?"""
+        return "damp" in quantizer.param_defaults() or (quantizer.name in CODEBOOK_METHODS and self.config.e_sweeps > 0)
 
     def _chained(self, model: nn.Module) -> bool:
         """Is each block's output the next block's first input (LLaMA decoder layers are)?
@@ -231,30 +272,76 @@ class BlockwiseCalibrator:
                     refs.append(self.store.put(f"{tag}{j}", out))
         return refs
 
-    def _hessians(self, block: nn.Module, block_name: str, names: list[str], calls: list[_Call]) -> dict[str, torch.Tensor]:
-        accs: dict[str, HessianAccumulator] = {}
-        handles = []
-        for name in names:
-            module = block.get_submodule(name[len(block_name) + 1 :]) if name != block_name else block
-            width = math.prod(module.weight.shape[1:])
-            accs[name] = acc = HessianAccumulator(width, dtype=torch.float32)
+    def _statistics(self, block, block_name: str, names: list[str], calls: list[_Call], original, fp_tag: str | None) -> "_Stats":
+        """Input statistics of the selected layers ``names`` of ``block`` on the compressed model's
+        inputs ``calls``: ``H = X_q^T X_q / N`` per layer, and the layers grouped into stages (layers
+        reading the same input tensor, in execution order: q/k/v, o, gate/up, down in LLaMA).
 
-            def hook(mod, args, acc=acc):
-                x = args[0].detach()
-                if isinstance(mod, nn.Conv2d):
-                    acc.add_conv_batch(x, mod)
-                elif isinstance(mod, nn.Conv1d):
-                    acc.add_batch(torch.nn.functional.unfold(x.unsqueeze(-1), (mod.kernel_size[0], 1), padding=(mod.padding[0], 0), stride=(mod.stride[0], 1)).transpose(1, 2))
-                else:
-                    acc.add_batch(x)
+        ``original``: ``(original block, original model's inputs)`` for asymmetric calibration; then
+        also ``G = X_q^T X / N`` per layer (``X``: the layer's inputs in the original model) and, with
+        ``fp_tag``, the original block's outputs stored under that tag. While both streams are the
+        same (the first block, nothing of it compressed yet) ``G == H``: one pass runs and ``crosses``
+        stays empty, so the targets are the weights themselves.
+        """
+        modules = {n: block.get_submodule(n[len(block_name) + 1 :]) if n != block_name else block for n in names}
+        accs = {n: HessianAccumulator(math.prod(m.weight.shape[1:]), dtype=torch.float32) for n, m in modules.items()}
+        fp_block, fp_calls = original if original is not None else (block, calls)
+        dual = fp_calls is not calls or fp_block is not block
+        fp_modules = {n: fp_block.get_submodule(n[len(block_name) + 1 :]) if n != block_name else fp_block for n in names} if dual else {}
+        cross = {n: torch.zeros_like(a.xtx_) for n, a in accs.items()} if dual else {}
+        stash: dict[str, torch.Tensor] = {}
+        first_inputs: dict[str, torch.Tensor] = {}  # batch 0's input tensor of each layer, in call order
+        running_fp = [False]  # the hooks of both streams may sit on the same modules (fp_block is block)
 
-            handles.append(module.register_forward_pre_hook(hook))
+        def q_hook(name):
+            def hook(mod, args):
+                if running_fp[0] and dual:
+                    return
+                first_inputs.setdefault(name, args[0])
+                rows = _rows(mod, args[0].detach())
+                accs[name].add_batch(rows)
+                if dual:
+                    cross[name] += rows.T.float() @ stash.pop(name).float()
+
+            return hook
+
+        def fp_hook(name):
+            def hook(mod, args):
+                if running_fp[0]:
+                    stash[name] = _rows(mod, args[0].detach())
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(q_hook(n)) for n, m in modules.items()]
+        handles += [m.register_forward_pre_hook(fp_hook(n)) for n, m in fp_modules.items()]
+        fp_outs = [] if original is not None and fp_tag is not None else None
         try:
-            self._outputs(block, calls)
+            with torch.no_grad():
+                for j, (c, f) in enumerate(zip(calls, fp_calls)):
+                    if dual or fp_outs is not None:
+                        running_fp[0] = True
+                        out = self._run(fp_block, f)
+                        running_fp[0] = False
+                        if fp_outs is not None:
+                            fp_outs.append(self.store.put(f"{fp_tag}{j}", out))
+                    if dual or fp_outs is None:
+                        self._run(block, c)
         finally:
             for h in handles:
                 h.remove()
-        return {name: acc.hessian for name, acc in accs.items()}
+        stages: list[list[str]] = []
+        for name, x in first_inputs.items():
+            stage = next((s for s in stages if first_inputs[s[0]] is x), None)
+            stage.append(name) if stage is not None else stages.append([name])
+        missing = [n for n in names if n not in first_inputs]
+        if missing:
+            raise CompressKitError(f"calibration: layer {missing[0]} did not run in its block's forward pass")
+        return _Stats(
+            hessians={n: a.hessian for n, a in accs.items()},
+            crosses={n: cross[n] / accs[n].n_samples_ for n in names} if dual else {},
+            fp_outputs=fp_outs,
+            stages=stages,
+        )
 
     def _compress_layer(self, module: nn.Module, quantizer, W: torch.Tensor, H: torch.Tensor) -> QuantizedModule:
         qcls = qmodule_for(module)
@@ -430,6 +517,17 @@ def _restore(module: QuantizedModule, snapshot: tuple[dict[str, torch.Tensor], t
             t.copy_(tensors[k])
         module.codes.copy_(codes)
     module._sync()
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input ``x`` as rows ``[N, n]`` matching ``module.weight.flatten(1)`` (Linear, Conv1d, Conv2d)."""
+    if isinstance(module, nn.Conv2d):
+        return conv_inputs(x, module)
+    if isinstance(module, nn.Conv1d):
+        k, pad, stride = module.kernel_size[0], module.padding[0], module.stride[0]
+        cols = torch.nn.functional.unfold(x.unsqueeze(-1), (k, 1), padding=(pad, 0), stride=(stride, 1))
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 def _without_cache(kwargs: dict) -> dict:

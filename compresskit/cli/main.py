@@ -51,6 +51,7 @@ def estimate(
     method: str = typer.Option("pq", help="Quantizer name (see `compresskit methods`)."),
     bits: int = typer.Option(2, help="Target bits per weight (the method's nominal bits)."),
     param: Optional[list[str]] = typer.Option(None, help="Extra quantizer parameter NAME=VALUE (repeatable)."),
+    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Exact size breakdown of one layer of SHAPE, without any weights."""
@@ -92,6 +93,8 @@ def quantize(
     m_objective: str = typer.Option("task", help="M-step loss: task | block."),
     soft_candidates: int = typer.Option(0, help="VQ4DiT soft assignments over N candidate centroids in the block M-step (0: hard codes)."),
     lr: float = typer.Option(1e-4, help="M-step learning rate (AdamW, weight decay 0)."),
+    asymmetric: bool = typer.Option(True, "--asymmetric/--symmetric", help="Each layer matches the original model's outputs from the compressed model's inputs (chained blocks, e.g. LLaMA), or only its own uncompressed output."),
+    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Compress a model, evaluate it before and after, save it, and print the report."""
@@ -102,7 +105,7 @@ def quantize(
         include=tuple(include or ()), exclude=tuple(exclude or ()), overrides=tuple(override or ()), adapter=adapter,
         export=export, eval_tokens=eval_tokens, eval_data=eval_data, calib=calib, calib_data=calib_data,
         calib_samples=calib_samples, calib_seq_len=calib_seq_len, local_rounds=local_rounds, offload_dir=offload_activations, em_rounds=em_rounds, m_steps=m_steps,
-        m_objective=m_objective, soft_candidates=soft_candidates, lr=lr,
+        m_objective=m_objective, soft_candidates=soft_candidates, lr=lr, asymmetric=asymmetric, sequential=sequential,
     )
     result = run_quantize(request, quiet=as_json)
     output.print_json(result) if as_json else output.quantize_summary(result)
@@ -114,6 +117,7 @@ def evaluate(
     adapter: str = typer.Option("llama", help="Model family adapter (for an uncompressed model)."),
     tokens: int = typer.Option(8192, help="Tokens of evaluation text."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation text file (default: Python's pydoc topics)."),
+    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Evaluate a model (perplexity for language models)."""
@@ -126,6 +130,7 @@ def evaluate(
 @app.command()
 def info(
     path: str = typer.Argument(..., help="A compressed-model directory."),
+    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Per-layer table of a compressed model: method, bits/weight, error; and the totals."""

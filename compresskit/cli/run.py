@@ -39,6 +39,8 @@ class QuantizeRequest:
     m_objective: str = "task"
     soft_candidates: int = 0
     lr: float = 1e-4
+    asymmetric: bool = True
+    sequential: bool = True
 
 
 @contextmanager
@@ -137,7 +139,8 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "params": params,
         "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
                         "local_rounds": req.local_rounds, "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": calib_config.m_objective,
-                        "soft_candidates": req.soft_candidates}
+                        "soft_candidates": req.soft_candidates, "asymmetric": calibrator.asymmetric,
+                        "sequential": calib_config.sequential}
         if req.calib != "none" else {"mode": "none"},
         "out": str(out),
         "report": report.to_dict(),
@@ -154,7 +157,8 @@ def _calib_config(req: QuantizeRequest):
         raise CompressKitError("--soft-candidates trains in the block M-step: use --m-objective block or --calib zero-data")
     return CalibConfig(
         offload_dir=req.offload_dir, local_rounds=req.local_rounds, em_rounds=req.em_rounds, m_steps=req.m_steps,
-        m_objective=objective, soft_candidates=req.soft_candidates, lr=req.lr,
+        m_objective=objective, soft_candidates=req.soft_candidates, lr=req.lr, asymmetric=req.asymmetric,
+        sequential=req.sequential,
     ).validated()
 
 

@@ -79,15 +79,16 @@ def test_quantize_with_calibration_on_two_blocks(tmp_path):
 
 
 def test_pq_layerwise_em_with_activations_on_disk(tmp_path):
-    """pq through the E-step and layer-wise EM rounds, with activations offloaded to a directory."""
+    """pq through the E-step, asymmetric targets and layer-wise EM rounds, with activations offloaded to a directory."""
     out, acts = tmp_path / "smol-pq2", tmp_path / "acts"
     proc = cli(
-        "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.0.*", "--calib-samples", "2",
+        "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.[01].*", "--calib-samples", "2",
         "--calib-seq-len", "64", "--local-rounds", "1", "--offload-activations", str(acts), "--eval-tokens", "512",
         "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["calibration"]["local_rounds"] == 1
+    assert result["calibration"]["local_rounds"] == 1 and result["calibration"]["asymmetric"] is True
+    assert result["calibration"]["sequential"] is True
     assert acts.is_dir() and list(acts.iterdir()) == []  # the activation files were removed
     layer = result["report"]["layers"][0]
     assert layer["params"]["row_scale"] is True and layer["params"]["pool"] is False  # the adapter's pq defaults

@@ -1,0 +1,160 @@
+"""Asymmetric calibration: layers of the compressed model match the *original* model's outputs."""
+import pytest
+import torch
+from torch import nn
+
+import compresskit
+from compresskit import CompressConfig
+from compresskit.calib.hessian import asymmetric_target
+from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+from compresskit.errors import CompressKitError
+
+
+def _streams(n=12, m=5, N=400, drift=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, n, generator=g) @ torch.randn(n, n, generator=g)  # original inputs
+    Xq = X + drift * torch.randn(N, n, generator=g)  # the compressed model's inputs
+    W = torch.randn(m, n, generator=g)
+    return X.double(), Xq.double(), W.double()
+
+
+def test_target_is_the_least_squares_weight_and_shifts_the_objective_by_a_constant():
+    X, Xq, W = _streams()
+    N = X.shape[0]
+    H, G = Xq.T @ Xq / N, Xq.T @ X / N
+    T = asymmetric_target(W, H, G, damp=0.0).double()
+    lstsq = torch.linalg.lstsq(Xq, X @ W.T).solution.T  # argmin |Xq T^T - X W^T|
+    torch.testing.assert_close(T, lstsq, rtol=1e-4, atol=1e-4)
+
+    def true_loss(W_hat):
+        return float((Xq @ W_hat.T - X @ W.T).pow(2).sum()) / N
+
+    def proxy(W_hat):
+        R = W_hat - T
+        return float(((R @ H) * R).sum())
+
+    a, b = W + 0.1 * torch.randn_like(W), W - 0.2 * torch.randn_like(W)
+    assert true_loss(a) - true_loss(b) == pytest.approx(proxy(a) - proxy(b), rel=1e-3)
+
+
+def test_same_inputs_give_the_weight_itself_and_bad_shapes_are_refused():
+    X, _, W = _streams()
+    H = X.T @ X / X.shape[0]
+    assert torch.equal(asymmetric_target(W.float(), H.float(), H.float()), W.float())
+    with pytest.raises(CompressKitError, match="must be"):
+        asymmetric_target(W, H[:3, :3], H)
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class Residual(nn.Module):
+    def __init__(self, width=24, depth=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _calibrated(base, batches, method, asymmetric, **params):
+    model = Residual().eval()
+    model.load_state_dict(base.state_dict())
+    cal = BlockwiseCalibrator([f"blocks.{i}" for i in range(4)], batches, config=CalibConfig(local_rounds=1, asymmetric=asymmetric))
+    compresskit.compress(model, CompressConfig(method=method, bits=2, params=params), calibrator=cal)
+    return model, cal
+
+
+@pytest.mark.parametrize("method,params", [("gptq", {}), ("pq", {"pool": False, "k": 16})])
+def test_asymmetric_walk_tracks_the_original_model_better(method, params):
+    torch.manual_seed(0)
+    base = Residual().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(64, 24, generator=g)} for _ in range(4)]
+    held_out = torch.randn(256, 24, generator=g)
+    with torch.no_grad():
+        reference = base(held_out)
+    errors = {}
+    for asymmetric in (False, True):
+        model, cal = _calibrated(base, batches, method, asymmetric, **params)
+        assert cal.asymmetric is asymmetric
+        with torch.no_grad():
+            errors[asymmetric] = float((model(held_out) - reference).pow(2).mean())
+    assert errors[True] < errors[False]
+
+
+def test_first_block_sees_no_drift_so_its_layer_is_compressed_as_before():
+    torch.manual_seed(0)
+    base = Residual().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(64, 24, generator=g)} for _ in range(2)]
+    sym, _ = _calibrated(base, batches, "gptq", False)
+    asym, _ = _calibrated(base, batches, "gptq", True)
+    assert torch.equal(sym.blocks[0].fc.codes, asym.blocks[0].fc.codes)
+    assert not torch.equal(sym.blocks[3].fc.codes, asym.blocks[3].fc.codes)
+
+
+class Attentionish(nn.Module):
+    """A block with LLaMA's layer order: q/k/v read one input, o reads their mix, gate/up one input, down."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        x = x + self.o(torch.tanh(self.q(h)) * self.k(h) + self.v(h))
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class Stack(nn.Module):
+    def __init__(self, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(Attentionish() for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_order():
+    block = Attentionish().eval()
+    cal = BlockwiseCalibrator(["b"], [{"x": torch.randn(4, 16)}])
+    calls = [type("C", (), {"args": (torch.randn(8, 16),), "kwargs": {}})()]
+    names = [f"b.{n}" for n in ("down", "up", "gate", "o", "v", "k", "q")]  # any order in
+    stats = cal._statistics(block, "b", names, calls, None, None)
+    assert stats.stages == [["b.q", "b.k", "b.v"], ["b.o"], ["b.gate", "b.up"], ["b.down"]]
+    assert stats.crosses == {} and stats.fp_outputs is None
+    h = torch.nn.functional.layer_norm(calls[0].args[0], (16,))
+    torch.testing.assert_close(stats.hessians["b.q"], h.T @ h / 8)
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_sequential_stages_see_the_compressed_earlier_layers(asymmetric):
+    torch.manual_seed(0)
+    base = Stack().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(64, 16, generator=g)} for _ in range(4)]
+    held_out = torch.randn(256, 16, generator=g)
+    with torch.no_grad():
+        reference = base(held_out)
+    errors = {}
+    for sequential in (False, True):
+        model = Stack().eval()
+        model.load_state_dict(base.state_dict())
+        config = CalibConfig(asymmetric=asymmetric, sequential=sequential)
+        compresskit.compress(model, CompressConfig(method="gptq", bits=2), calibrator=BlockwiseCalibrator([f"blocks.{i}" for i in range(3)], batches, config=config))
+        with torch.no_grad():
+            errors[sequential] = float((model(held_out) - reference).pow(2).mean())
+    assert errors[True] < errors[False]
