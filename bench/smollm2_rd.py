@@ -62,6 +62,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
         "local_rounds": args.local_rounds if args.calib != "none" else 0,
         "asymmetric": bool(calibrator is not None and calibrator.asymmetric),
         "sequential": bool(calibrator is not None and calibrator.config.sequential),
+        **({k: getattr(calibrator.config, k) for k in ("e_sweeps", "cg_iters", "asym_damp")} if calibrator is not None else {}),
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
         "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],

@@ -44,9 +44,9 @@ class CalibConfig:
     """How to calibrate. ``m_objective``: "task" (the adapter's loss through the whole model, after
     the block walk) or "block" (match the uncompressed block's output, during the walk)."""
 
-    e_sweeps: int = 1  # E-step sweeps over the subspaces of each layer
+    e_sweeps: int = 3  # E-step sweeps over the subspaces of each layer
     local_rounds: int = 2  # layer-wise EM rounds after the E-step: centroids, row scales, codes (codebook.py)
-    cg_iters: int = 25  # conjugate-gradient iterations per layer-wise centroid update
+    cg_iters: int = 10  # conjugate-gradient iterations per layer-wise centroid update
     em_rounds: int = 0  # whole-model EM rounds after the block walk (M-step, re-init, E-step)
     m_steps: int = 0  # optimizer steps per M-step
     m_objective: str = "task"
@@ -60,11 +60,14 @@ class CalibConfig:
     seed: int = 0
     offload_dir: str | None = None  # keep block activations in files under this directory, not in memory
     asymmetric: bool = True  # chained blocks: layers match the uncompressed model's outputs (hessian.asymmetric_target)
+    asym_damp: float = 0.3  # ridge on the asymmetric correction, relative to mean(diag H): 0.01 overfits 8k tokens
     sequential: bool = True  # layers of a block in stages; each stage's statistics see the earlier stages compressed
 
     def validated(self) -> "CalibConfig":
         if self.m_objective not in ("task", "block"):
             raise CompressKitError(f"m_objective must be 'task' or 'block', got {self.m_objective!r}")
+        if not self.asym_damp > 0:
+            raise CompressKitError(f"asym_damp must be > 0, got {self.asym_damp!r}")
         for name in ("e_sweeps", "local_rounds", "cg_iters", "em_rounds", "m_steps", "soft_candidates"):
             if getattr(self, name) < 0:
                 raise CompressKitError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -173,7 +176,7 @@ class BlockwiseCalibrator:
                     quantizer = make_quantizer(layers[name])
                     target = W
                     if name in crosses and self._hessian_driven(quantizer):
-                        target = asymmetric_target(W, hessians[name], crosses[name], damp=self.config.damp).to(W.dtype)
+                        target = asymmetric_target(W, hessians[name], crosses[name], damp=self.config.asym_damp).to(W.dtype)
                     qmodule = self._compress_layer(module, quantizer, target, hessians[name])
                     replace_module(model, name, qmodule)
                     reports.append(report_layer(name, qmodule.quantizer, W, time.perf_counter() - start))
