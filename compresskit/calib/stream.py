@@ -366,25 +366,34 @@ class BlockwiseCalibrator:
 
     # ---- M-steps ----------------------------------------------------------------------------
     @staticmethod
-    def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    def _trainable(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+        """Every codebook/pool/row-scale tensor of ``model``'s codebook layers, with its learning-rate
+        multiplier. ``lr`` is in weight units (the DPQ setting, 1e-4, is for raw weights): centroids
+        of a row-scaled layer live in units of the row scale, so their step is ``lr / mean(scale)``,
+        which moves the rebuilt weight about as far as ``lr`` moves an unscaled centroid."""
         params = []
         for module in model.modules():
             if isinstance(module, QuantizedModule) and module.quantizer.name in CODEBOOK_METHODS:
-                for p in module.state_tensors().values():
+                tensors = module.state_tensors()
+                scale = tensors.get("scale_")
+                unit = float(scale.float().abs().mean()) if scale is not None else 1.0
+                for name, p in tensors.items():
                     if p.is_floating_point():
-                        params.append(p)
+                        params.append((p, 1.0 if name == "scale_" or not unit > 0 else 1.0 / unit))
         return params
 
     def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor]) -> float:
-        """AdamW on ``module``'s codebooks/pools for m_steps steps (float32 while training)."""
-        params = self._trainable(module)
-        if not params or not self.config.m_steps:
+        """AdamW on ``module``'s codebooks/pools/row scales for m_steps steps (float32 while training)."""
+        trainable = self._trainable(module)
+        if not trainable or not self.config.m_steps:
             return float("nan")
+        params = [p for p, _ in trainable]
         originals = [p.data for p in params]
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        groups = [{"params": [p], "lr": self.config.lr * mult} for p, mult in trainable]
+        opt = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
         loss_value = float("nan")
         try:
             for step in range(self.config.m_steps):

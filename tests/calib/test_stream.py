@@ -1,4 +1,5 @@
 """The block-wise calibrator through the front door, on small models."""
+import pytest
 import torch
 from torch import nn
 
@@ -190,3 +191,23 @@ def test_em_round_never_ends_above_its_own_m_step_on_the_calibration_loss():
         BlockwiseCalibrator.em_round(cal, model)
         cal._optimise(m_only, lambda step: task_loss(m_only, batches[step % len(batches)]))
         assert cal._calibration_loss(model) <= cal._calibration_loss(m_only) * (1 + 1e-6)
+
+
+def test_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids():
+    import compresskit
+    from compresskit import CompressConfig
+    from compresskit.calib.stream import BlockwiseCalibrator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(0.05)
+    compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False, "k": 16, "row_scale": True}, include=["0"]))
+    compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False, "k": 16}, include=["1"]))
+    mults = {id(p): m for p, m in BlockwiseCalibrator._trainable(model)}
+    scaled, plain = model[0], model[1]
+    unit = float(scaled.state_tensors()["scale_"].float().mean())
+    assert unit < 0.2  # the rows were scaled down: centroids are in units of that scale
+    assert mults[id(scaled.state_tensors()["codebooks_"])] == pytest.approx(1 / unit)
+    assert mults[id(scaled.state_tensors()["scale_"])] == 1.0
+    assert mults[id(plain.state_tensors()["codebooks_"])] == 1.0
