@@ -1,13 +1,14 @@
 """Asymmetric calibration: layers of the compressed model match the *original* model's outputs."""
 import pytest
 import torch
-from torch import nn
 
 import compresskit
 from compresskit import CompressConfig
 from compresskit.calib.hessian import asymmetric_target
 from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
 from compresskit.errors import CompressKitError
+
+from toy_models import Attentionish, Block, Residual
 
 
 def _streams(n=12, m=5, N=400, drift=0.3, seed=0):
@@ -45,87 +46,36 @@ def test_same_inputs_give_the_weight_itself_and_bad_shapes_are_refused():
         asymmetric_target(W, H[:3, :3], H)
 
 
-class Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(x))
-
-
-class Residual(nn.Module):
-    def __init__(self, width=24, depth=4):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-def _calibrated(base, batches, method, asymmetric, **params):
-    model = Residual().eval()
+def _held_out_error(config, method="gptq", params=None, block=Block, width=24, depth=4, n_batches=4):
+    """Compress a seeded chained toy model with ``config``; its mean squared output error against the
+    uncompressed model on held-out inputs, the compressed model and its calibrator."""
+    torch.manual_seed(0)
+    base = Residual(width, depth, block).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(64, width, generator=g)} for _ in range(n_batches)]
+    held_out = torch.randn(256, width, generator=g)
+    model = Residual(width, depth, block).eval()
     model.load_state_dict(base.state_dict())
-    cal = BlockwiseCalibrator([f"blocks.{i}" for i in range(4)], batches, config=CalibConfig(local_rounds=1, asymmetric=asymmetric))
-    compresskit.compress(model, CompressConfig(method=method, bits=2, params=params), calibrator=cal)
-    return model, cal
+    cal = BlockwiseCalibrator([f"blocks.{i}" for i in range(depth)], batches, config=config)
+    compresskit.compress(model, CompressConfig(method=method, bits=2, params=params or {}), calibrator=cal)
+    with torch.no_grad():
+        return float((model(held_out) - base(held_out)).pow(2).mean()), model, cal
 
 
 @pytest.mark.parametrize("method,params", [("gptq", {}), ("pq", {"pool": False, "k": 16})])
 def test_asymmetric_walk_tracks_the_original_model_better(method, params):
-    torch.manual_seed(0)
-    base = Residual().eval()
-    g = torch.Generator().manual_seed(1)
-    batches = [{"x": torch.randn(64, 24, generator=g)} for _ in range(4)]
-    held_out = torch.randn(256, 24, generator=g)
-    with torch.no_grad():
-        reference = base(held_out)
     errors = {}
     for asymmetric in (False, True):
-        model, cal = _calibrated(base, batches, method, asymmetric, **params)
+        errors[asymmetric], _, cal = _held_out_error(CalibConfig(local_rounds=1, asymmetric=asymmetric), method, params)
         assert cal.asymmetric is asymmetric
-        with torch.no_grad():
-            errors[asymmetric] = float((model(held_out) - reference).pow(2).mean())
     assert errors[True] < errors[False]
 
 
 def test_first_block_sees_no_drift_so_its_layer_is_compressed_as_before():
-    torch.manual_seed(0)
-    base = Residual().eval()
-    g = torch.Generator().manual_seed(1)
-    batches = [{"x": torch.randn(64, 24, generator=g)} for _ in range(2)]
-    sym, _ = _calibrated(base, batches, "gptq", False)
-    asym, _ = _calibrated(base, batches, "gptq", True)
+    _, sym, _ = _held_out_error(CalibConfig(asymmetric=False), n_batches=2)
+    _, asym, _ = _held_out_error(CalibConfig(asymmetric=True), n_batches=2)
     assert torch.equal(sym.blocks[0].fc.codes, asym.blocks[0].fc.codes)
     assert not torch.equal(sym.blocks[3].fc.codes, asym.blocks[3].fc.codes)
-
-
-class Attentionish(nn.Module):
-    """A block with LLaMA's layer order: q/k/v read one input, o reads their mix, gate/up one input, down."""
-
-    def __init__(self, width=16):
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
-        self.gate, self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-
-    def forward(self, x):
-        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
-        x = x + self.o(torch.tanh(self.q(h)) * self.k(h) + self.v(h))
-        h = torch.nn.functional.layer_norm(x, x.shape[-1:])
-        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
-
-
-class Stack(nn.Module):
-    def __init__(self, depth=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(Attentionish() for _ in range(depth))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_order():
@@ -142,19 +92,13 @@ def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_or
 
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_sequential_stages_see_the_compressed_earlier_layers(asymmetric):
-    torch.manual_seed(0)
-    base = Stack().eval()
-    g = torch.Generator().manual_seed(1)
-    batches = [{"x": torch.randn(64, 16, generator=g)} for _ in range(4)]
-    held_out = torch.randn(256, 16, generator=g)
-    with torch.no_grad():
-        reference = base(held_out)
-    errors = {}
-    for sequential in (False, True):
-        model = Stack().eval()
-        model.load_state_dict(base.state_dict())
-        config = CalibConfig(asymmetric=asymmetric, sequential=sequential)
-        compresskit.compress(model, CompressConfig(method="gptq", bits=2), calibrator=BlockwiseCalibrator([f"blocks.{i}" for i in range(3)], batches, config=config))
-        with torch.no_grad():
-            errors[sequential] = float((model(held_out) - reference).pow(2).mean())
+    errors = {
+        sequential: _held_out_error(CalibConfig(asymmetric=asymmetric, sequential=sequential), block=Attentionish, width=16, depth=3)[0]
+        for sequential in (False, True)
+    }
     assert errors[True] < errors[False]
+
+
+def test_the_asymmetric_ridge_must_be_positive():
+    with pytest.raises(CompressKitError, match="asym_damp must be > 0"):
+        CalibConfig(asym_damp=0.0).validated()

@@ -10,27 +10,7 @@ from compresskit.calib.offload import ActivationStore, Ref
 from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
 from compresskit.errors import CompressKitError
 
-
-class Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(x))
-
-
-class Residual(nn.Module):
-    """Chained blocks: each block's output is the next one's input."""
-
-    def __init__(self, width=32, depth=3):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
+from toy_models import Residual
 
 
 @pytest.mark.parametrize("directory", [False, True])
