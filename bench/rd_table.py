@@ -13,6 +13,12 @@ def label(r: dict) -> str:
         name += f" + {r['calib']} calib" + (f" ({r['calib_samples']}x{r['seq_len']} tok)" if "seq_len" in r else "")
     if r.get("local_rounds"):
         name += f" + layer-wise EM x{r['local_rounds']}"
+    if r.get("asymmetric"):
+        name += f" + asym (ridge {r.get('asym_damp', 0.3):g})"
+    if r.get("sequential"):
+        name += " + stages"
+    if r.get("e_sweeps") and r["method"] in ("pq", "vq"):
+        name += f" [E-step x{r['e_sweeps']}, CG {r['cg_iters']}]"
     if r.get("em_rounds"):
         name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps, lr {r.get('lr', 1e-4):g})"
     extra = {k: v for k, v in (r.get("params") or {}).items()}

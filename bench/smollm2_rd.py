@@ -106,7 +106,7 @@ def plot(jsonls: list[Path], png: Path) -> None:
         label += f" + EM (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
         label += f" + layer-wise EM x{r['local_rounds']}" if r.get("local_rounds") else ""
         label += " asym" if r.get("asymmetric") else ""
-        label += " seq" if r.get("sequential") else ""
+        label += " stages" if r.get("sequential") else ""
         params = r.get("params") or {}
         label += " no pool" if params.get("pool") is False else ""
         label += " row scale" if params.get("row_scale") else ""
