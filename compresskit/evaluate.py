@@ -17,7 +17,8 @@ from torch import nn
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    out = model(input_ids=input_ids, use_cache=False, **kwargs)
+    kwargs.setdefault("use_cache", False)  # calibration batches carry it already
+    out = model(input_ids=input_ids, **kwargs)
     return out.logits if hasattr(out, "logits") else out  # [batch, seq, vocab]
 
 

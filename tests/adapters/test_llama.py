@@ -176,6 +176,16 @@ def test_perplexity_is_exp_of_mean_task_loss(loaded):
     assert 0.3 * VOCAB < result["perplexity"] < 3 * VOCAB
 
 
+def test_task_loss_takes_the_adapters_own_calibration_batches(loaded):
+    """Calibration batches carry use_cache=False (no KV cache in the block walk); the task-loss
+    M-step feeds the same batches to the loss, which must not pass use_cache a second time."""
+    adapter = LlamaAdapter()
+    batch = adapter.calibration_batches(loaded, None, n_samples=1, seq_len=16, seed=0)[0]
+    assert batch.get("use_cache") is False
+    loss = adapter.task_loss(loaded.model, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
 def test_task_loss_has_gradients(loaded):
     batch = {"input_ids": torch.arange(16).unsqueeze(0)}
     loss = LlamaAdapter().task_loss(loaded.model, batch)
