@@ -97,7 +97,7 @@ def plot(jsonls: list[Path], png: Path) -> None:
 
     rows = [json.loads(line) for jsonl in jsonls for line in jsonl.read_text().splitlines() if line.strip()]
     fp = next((r["perplexity"] for r in rows if r["method"] == "fp"), None)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     series: dict[str, list] = {}
     for r in rows:
         if r["method"] == "fp":
@@ -124,7 +124,7 @@ def plot(jsonls: list[Path], png: Path) -> None:
     ax.set_ylabel("perplexity (pydoc topics, 8192 tokens)")
     ax.set_title("SmolLM2-135M: perplexity vs bits/weight")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: many series
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
