@@ -34,6 +34,7 @@ import contextlib
 
 import torch
 
+from compresskit.calib.hessian import damped
 from compresskit.errors import CompressKitError
 
 
@@ -81,13 +82,11 @@ def padded_hessians(H: torch.Tensor, n_pad: int, damp: float) -> tuple[torch.Ten
     part of the weight and stay out of both objectives.
     """
     n = H.shape[0]
-    Hd = H.double()
-    Hd = Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(n, dtype=torch.float64)
-    damped = torch.zeros(n_pad, n_pad, dtype=torch.float32)
-    damped[:n, :n] = Hd.float()
+    padded = torch.zeros(n_pad, n_pad, dtype=torch.float32)
+    padded[:n, :n] = damped(H, damp).float()
     true = torch.zeros(n_pad, n_pad, dtype=torch.float32)
     true[:n, :n] = H.float()
-    return damped, true
+    return padded, true
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

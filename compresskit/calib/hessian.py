@@ -111,6 +111,13 @@ def conv_inputs(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float64: the relative damping of GPTQ, the E-step and the
+    layer-wise M-step."""
+    Hd = H.double()
+    return Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(H.shape[0], dtype=torch.float64)
+
+
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The weight a layer should approximate so its outputs match the *uncompressed* model's.
 
@@ -129,8 +136,7 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: f
     n = W2.shape[1]
     if H.shape != (n, n) or G.shape != (n, n):
         raise CompressKitError(f"asymmetric_target: H {tuple(H.shape)} and G {tuple(G.shape)} must be [{n}, {n}] for this weight")
-    Hd = H.double()
-    Hd = Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(n, dtype=torch.float64) + 1e-12 * torch.eye(n, dtype=torch.float64)
+    Hd = damped(H, damp) + 1e-12 * torch.eye(n, dtype=torch.float64)
     L, info = torch.linalg.cholesky_ex(Hd)
     if int(info):
         raise CompressKitError("asymmetric_target: the damped Hessian is not positive definite; raise damp")

@@ -154,38 +154,24 @@ class BlockwiseCalibrator:
             if i and not chained:  # something runs between blocks: re-run the (compressed) prefix
                 calls = self._capture(model, block, slot=i % 2)
             fp_tag = f"f{(i + 1) % 2}_"
-            fp_outs = None
-            # with sequential: later stages see the outputs of already-compressed layers of this block,
-            # so the original block is kept aside for the original model's stream
-            fp_block = copy.deepcopy(block) if names and asym and self.config.sequential else block
-            pending, teacher = list(names), None
-            while pending:
-                stats = self._statistics(block, block_name, pending, calls, (fp_block, fp_calls) if asym else None, fp_tag if fp_outs is None else None)
-                hessians, crosses, stages = stats.hessians, stats.crosses, stats.stages
-                if fp_outs is None:
-                    fp_outs = stats.fp_outputs
-                    if self.config.m_objective == "block" and self.config.m_steps:
-                        teacher = fp_outs if asym else self._outputs(block, calls, tag="teacher")
-                stage = stages[0] if self.config.sequential else pending
-                for name in stage:
-                    if progress is not None:
-                        progress(name, done, len(layers))
-                    start = time.perf_counter()
-                    module = model.get_submodule(name)
-                    W = module.weight.detach().clone()
-                    quantizer = make_quantizer(layers[name])
-                    target = W
-                    if name in crosses and self._hessian_driven(quantizer):
-                        target = asymmetric_target(W, hessians[name], crosses[name], damp=self.config.asym_damp).to(W.dtype)
-                    qmodule = self._compress_layer(module, quantizer, target, hessians[name])
-                    replace_module(model, name, qmodule)
-                    reports.append(report_layer(name, qmodule.quantizer, W, time.perf_counter() - start))
-                    if keep_h and qmodule.quantizer.name in CODEBOOK_METHODS:
-                        self.hessians[name] = hessians[name].float()
-                        self.originals[name] = target
-                    done += 1
-                pending = [n for n in pending if n not in stage]
-            del fp_block
+            fp_outs, teacher = None, None
+            if names:
+                # with sequential, later stages see this block's compressed layers, so the original
+                # model's stream runs on a copy of the block kept aside
+                original = (copy.deepcopy(block) if self.config.sequential else block, fp_calls) if asym else None
+                stats = self._statistics(block, block_name, names, calls, original, fp_tag)
+                fp_outs = stats.fp_outputs
+                if self.config.m_objective == "block" and self.config.m_steps:
+                    teacher = fp_outs if asym else self._outputs(block, calls, tag="teacher")
+                for k, stage in enumerate(stats.stages if self.config.sequential else [names]):
+                    if k:  # the earlier stages are compressed now: measure this one's inputs again
+                        stats = self._statistics(block, block_name, stage, calls, original, None)
+                    for name in stage:
+                        if progress is not None:
+                            progress(name, done, len(layers))
+                        reports.append(self._compress_named(model, name, layers[name], make_quantizer, report_layer, stats, keep_h))
+                        done += 1
+                del original
             if teacher is not None:
                 if self.config.soft_candidates:
                     self.block_losses[block_name] = self._soft_block_m_step(model, block_name, names, calls, teacher)
@@ -201,6 +187,24 @@ class BlockwiseCalibrator:
         for name in outside:  # layers outside every block (rare): the front door's plain fit
             reports.append(compress_plain(name, layers[name]))
         return reports
+
+    def _compress_named(self, model, name: str, override, make_quantizer, report_layer, stats: "_Stats", keep_h: bool):
+        """Compress layer ``name`` with its statistics (towards its asymmetric target when ``stats``
+        has a cross term for it), swap it into ``model`` and return its report."""
+        start = time.perf_counter()
+        module = model.get_submodule(name)
+        W = module.weight.detach().clone()
+        quantizer = make_quantizer(override)
+        H = stats.hessians[name]
+        target = W
+        if name in stats.crosses and self._hessian_driven(quantizer):
+            target = asymmetric_target(W, H, stats.crosses[name], damp=self.config.asym_damp).to(W.dtype)
+        qmodule = self._compress_layer(module, quantizer, target, H)
+        replace_module(model, name, qmodule)
+        if keep_h and qmodule.quantizer.name in CODEBOOK_METHODS:
+            self.hessians[name] = H.float()
+            self.originals[name] = target
+        return report_layer(name, qmodule.quantizer, W, time.perf_counter() - start)
 
     def _hessian_driven(self, quantizer) -> bool:
         """Does this quantizer's fit use the Hessian (GPTQ, or a codebook with the E-step)?"""
