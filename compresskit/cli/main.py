@@ -51,7 +51,6 @@ def estimate(
     method: str = typer.Option("pq", help="Quantizer name (see `compresskit methods`)."),
     bits: int = typer.Option(2, help="Target bits per weight (the method's nominal bits)."),
     param: Optional[list[str]] = typer.Option(None, help="Extra quantizer parameter NAME=VALUE (repeatable)."),
-    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Exact size breakdown of one layer of SHAPE, without any weights."""
@@ -117,7 +116,6 @@ def evaluate(
     adapter: str = typer.Option("llama", help="Model family adapter (for an uncompressed model)."),
     tokens: int = typer.Option(8192, help="Tokens of evaluation text."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation text file (default: Python's pydoc topics)."),
-    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Evaluate a model (perplexity for language models)."""
@@ -130,7 +128,6 @@ def evaluate(
 @app.command()
 def info(
     path: str = typer.Argument(..., help="A compressed-model directory."),
-    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Per-layer table of a compressed model: method, bits/weight, error; and the totals."""
@@ -150,11 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         output.error("aborted")
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
+    except Exception as err:
+        # click usage errors (unknown option, missing argument) carry their own exit code; typer
+        # >= 0.29 vendors click, so its exceptions are not click's: recognise them by their API
+        message, code = getattr(err, "format_message", None), getattr(err, "exit_code", None)
+        if callable(message) and isinstance(code, int):
+            text = " ".join(message().split())
+            if text:  # empty for a bare `compresskit`: the help it printed says it all
+                output.error(text)
+            sys.exit(code)
         raise
 

@@ -52,6 +52,9 @@ def test_methods_lists_every_quantizer_with_defaults(capsys):
         (["estimate", "--shape", "8x8", "--param", "nonsense"], "NAME=VALUE"),
         (["estimate", "--shape", "8x8", "--param", "colour=3"], "unknown parameter"),
         (["info", "/nonexistent/dir"], "not a compresskit model directory"),
+        (["eval", "--bogus"], "No such option: --bogus"),  # click usage errors: one line too
+        (["quantize", "--bits"], "requires an argument"),
+        (["eval"], "Missing argument"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(capsys, argv, message):
@@ -59,6 +62,12 @@ def test_bad_input_gives_one_line_error_and_exit_2(capsys, argv, message):
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["estimate", "eval", "info"])
+def test_calibration_options_only_on_quantize(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "--sequential" not in out and "--one-stage" not in out
 
 
 def test_console_script_exit_code():
