@@ -20,7 +20,8 @@ def label(r: dict) -> str:
     if r.get("e_sweeps") and r["method"] in ("pq", "vq"):
         name += f" [E-step x{r['e_sweeps']}, CG {r['cg_iters']}]"
     if r.get("em_rounds"):
-        name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps, lr {r.get('lr', 1e-4):g})"
+        batches = f" of {r['m_batch']} seq from {r['m_samples']}" if r.get("m_samples") else ""
+        name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps{batches}, lr {r.get('lr', 1e-4):g})"
     extra = {k: v for k, v in (r.get("params") or {}).items()}
     return name + (f" {extra}" if extra else "") + (f" ({r['note']})" if r.get("note") else "")
 
@@ -38,13 +39,16 @@ def main(paths: list[str]) -> None:
         paths = paths[:i] + paths[i + 2 :]
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
     fp = next((r["perplexity"] for r in rows + fp_rows if r["method"] == "fp"), None)
-    print("| method | bits | bits/weight (layers, all-in) | bits/weight (whole model) | size MB | perplexity | x FP | compress s | total s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    extras = sorted({name for r in rows for name in r.get("perplexity_extra", {})})  # --eval-extra texts
+    print("| method | bits | bits/weight (layers, all-in) | bits/weight (whole model) | size MB | perplexity | x FP | "
+          + "".join(f"ppl {name} | " for name in extras) + "compress s | total s |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(extras) + "---|---|")
     for r in rows:
         ratio = f"{r['perplexity'] / fp:.2f}" if fp else "-"
+        other = "".join(f"{r['perplexity_extra'][n]:.4g} | " if n in r.get("perplexity_extra", {}) else "- | " for n in extras)
         print(
             f"| {label(r)} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['bits_per_weight_all_in']:.3f} | "
-            f"{r['size_mb']:.1f} | {r['perplexity']:.4g} | {ratio} | {_s(r, 'seconds_compress')} | {_s(r, 'seconds_total')} |"
+            f"{r['size_mb']:.1f} | {r['perplexity']:.4g} | {ratio} | {other}{_s(r, 'seconds_compress')} | {_s(r, 'seconds_total')} |"
         )
 
 

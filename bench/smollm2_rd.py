@@ -36,7 +36,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
     if method == "fp":
         metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
         n = sum(p.numel() for p in loaded.model.parameters())
-        return {**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics}
+        return {**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics, **_extra(adapter, loaded, args)}
     calibrator = None
     if args.calib != "none":
         config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr, asymmetric=not args.symmetric, sequential=not args.one_stage)
@@ -45,7 +45,11 @@ def run_one(method: str, bits: int | None, args) -> dict:
             if args.calib == "zero-data"
             else adapter.calibration_batches(loaded, None, args.calib_samples, args.seq_len, seed=0)
         )
-        calibrator = BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config)
+        m_batches = None
+        if args.m_samples and args.calib == "data":
+            m_batches = adapter.calibration_batches(loaded, None, args.m_samples, args.seq_len, seed=1)
+        m_batches = _batched(m_batches or batches, args.m_batch)
+        calibrator = BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches)
     params = json.loads(args.params) if args.params else {}
     args_, kwargs = adapter.example_inputs(loaded)
     t1 = time.perf_counter()
@@ -65,6 +69,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
         **({k: getattr(calibrator.config, k) for k in ("e_sweeps", "cg_iters", "asym_damp")} if calibrator is not None else {}),
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
+        **({"m_samples": args.m_samples or args.calib_samples, "m_batch": args.m_batch} if args.m_steps else {}),
         "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],
         "bits_per_weight_all_in": d["bits_per_weight_all_in"],
         "size_mb": d["compressed_bytes"] / 1e6,
@@ -73,7 +78,17 @@ def run_one(method: str, bits: int | None, args) -> dict:
         "seconds_compress": seconds_compress,
         "seconds_total": time.perf_counter() - t0,
         **metrics,
+        **_extra(adapter, loaded, args),
     }
+
+
+def _extra(adapter, loaded, args) -> dict:
+    """Perplexity on each ``--eval-extra`` text (another domain than the calibration text)."""
+    if not args.eval_extra:
+        return {}
+    return {"perplexity_extra": {
+        Path(src).name: adapter.evaluate(loaded, src, n_tokens=args.eval_tokens)["perplexity"] for src in args.eval_extra
+    }}
 
 
 _CACHE: dict = {}
@@ -145,7 +160,11 @@ def main() -> None:
     p.add_argument("--m-steps", type=int, default=0)
     p.add_argument("--m-objective", default="task", choices=["task", "block"])
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--m-samples", type=int, default=0, help="sequences the task M-step trains on (0: the calibration ones)")
+    p.add_argument("--m-batch", type=int, default=8, help="sequences per M-step")
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-extra", action="append", default=[], metavar="FILE",
+                   help="also report perplexity on this text file (repeatable): a domain the calibration never saw")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here too")
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON-lines files to plot (no runs)")
     p.add_argument("--png", type=Path, default=Path("docs/smollm2_rd.png"))

@@ -98,7 +98,8 @@ class BlockwiseCalibrator:
     """Compresses selected layers block by block with activation statistics (see module docstring).
 
     ``blocks``: dotted names of the repeated blocks in execution order; ``batches``: model-call
-    kwargs; ``task_loss(model, batch)``: the adapter's loss (only for the task-loss M-step).
+    kwargs; ``task_loss(model, batch)``: the adapter's loss (only for the task-loss M-step);
+    ``m_batches``: what the task-loss M-step trains on (default: ``batches``).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class BlockwiseCalibrator:
         batches: Sequence[Batch],
         task_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
         config: CalibConfig | None = None,
+        m_batches: Sequence[Batch] | None = None,
     ):
         if not blocks:
             raise CompressKitError("calibration needs the model's blocks; the adapter returned none")
@@ -115,6 +117,9 @@ class BlockwiseCalibrator:
         self.blocks = list(blocks)
         self.batches = list(batches)
         self.task_loss = task_loss
+        # the task-loss M-step trains on these (more, smaller batches than the walk needs: measured on
+        # SmolLM2 at 1 bit, 64 steps of 2 sequences beat 16 steps of 8 at the same cost, 44.8 vs 76.9)
+        self.m_batches = list(m_batches) if m_batches else self.batches
         self.config = (config or CalibConfig()).validated()
         # kept only for whole-model EM rounds (em_rounds > 0): per codebook layer, its Hessian and
         # original weight; O(sum of n^2 + m n) floats, which is why they are not kept otherwise
@@ -477,7 +482,7 @@ class BlockwiseCalibrator:
         """
         loss = float("nan")
         if self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
-            loss = self._optimise(model, lambda step: self.task_loss(model, self.batches[step % len(self.batches)]))
+            loss = self._optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]))
         # re-assignment serves each layer's output error, which is not the task loss the M-step just
         # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
         after_m = self._calibration_loss(model)

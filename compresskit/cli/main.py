@@ -92,6 +92,8 @@ def quantize(
     m_objective: str = typer.Option("task", help="M-step loss: task | block."),
     soft_candidates: int = typer.Option(0, help="VQ4DiT soft assignments over N candidate centroids in the block M-step (0: hard codes)."),
     lr: float = typer.Option(1e-4, help="M-step learning rate (AdamW, weight decay 0)."),
+    m_samples: int = typer.Option(0, help="Sequences the task-loss M-step trains on, drawn from the calibration text (0: the calibration sequences)."),
+    m_batch: int = typer.Option(8, help="Sequences per task-loss M-step (AdamW step)."),
     asymmetric: bool = typer.Option(True, "--asymmetric/--symmetric", help="Each layer matches the original model's outputs from the compressed model's inputs (chained blocks, e.g. LLaMA), or only its own uncompressed output."),
     sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -104,7 +106,8 @@ def quantize(
         include=tuple(include or ()), exclude=tuple(exclude or ()), overrides=tuple(override or ()), adapter=adapter,
         export=export, eval_tokens=eval_tokens, eval_data=eval_data, calib=calib, calib_data=calib_data,
         calib_samples=calib_samples, calib_seq_len=calib_seq_len, local_rounds=local_rounds, offload_dir=offload_activations, em_rounds=em_rounds, m_steps=m_steps,
-        m_objective=m_objective, soft_candidates=soft_candidates, lr=lr, asymmetric=asymmetric, sequential=sequential,
+        m_objective=m_objective, soft_candidates=soft_candidates, lr=lr, m_samples=m_samples, m_batch=m_batch,
+        asymmetric=asymmetric, sequential=sequential,
     )
     result = run_quantize(request, quiet=as_json)
     output.print_json(result) if as_json else output.quantize_summary(result)

@@ -39,6 +39,8 @@ class QuantizeRequest:
     m_objective: str = "task"
     soft_candidates: int = 0
     lr: float = 1e-4
+    m_samples: int = 0  # 0: the M-step trains on the calibration sequences
+    m_batch: int = 8
     asymmetric: bool = True
     sequential: bool = True
 
@@ -95,6 +97,8 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         raise CompressKitError("--calib-data needs --calib data")
     if req.calib_samples < 1 or req.calib_seq_len < 2:
         raise CompressKitError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    if req.m_samples < 0 or req.m_batch < 1:
+        raise CompressKitError("--m-samples must be >= 0 and --m-batch >= 1")
     calib_config = _calib_config(req)
 
     with _step(f"loading {req.model or 'the default model'}", quiet):
@@ -139,6 +143,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "params": params,
         "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
                         "local_rounds": req.local_rounds, "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": calib_config.m_objective,
+                        "m_samples": req.m_samples or req.calib_samples, "m_batch": req.m_batch, "lr": req.lr,
                         "soft_candidates": req.soft_candidates, "asymmetric": calibrator.asymmetric,
                         "sequential": calib_config.sequential}
         if req.calib != "none" else {"mode": "none"},
@@ -171,7 +176,14 @@ def _calibrator(adapter, loaded, req: QuantizeRequest, config):
         batches = adapter.calibration_batches(loaded, req.calib_data, req.calib_samples, req.calib_seq_len, seed=config.seed)
         if req.calib_data is not None and req.eval_data is not None and Path(req.calib_data).resolve() == Path(req.eval_data).resolve():
             raise CompressKitError("--calib-data and --eval-data are the same file; evaluation must not see calibration text")
-    return BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config)
+    m_batches = None
+    if req.m_samples and req.calib == "data" and config.m_objective == "task":
+        # its own draw (seed + 1) from the same calibration region: never the evaluation text
+        m_batches = adapter.calibration_batches(loaded, req.calib_data, req.m_samples, req.calib_seq_len, seed=config.seed + 1)
+    elif config.m_objective == "task":
+        m_batches = batches
+    m_batches = _batched(m_batches, req.m_batch) if m_batches else None
+    return BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches)
 
 
 def _batched(batches: list, size: int = 8) -> list:

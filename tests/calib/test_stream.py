@@ -102,6 +102,25 @@ def test_em_round_with_task_loss_reduces_the_loss():
     assert losses[1] < losses[0], losses
 
 
+def test_task_m_step_trains_on_its_own_batches_and_the_walk_on_the_calibration_ones():
+    torch.manual_seed(0)
+    model = Chain(width=32, depth=2).eval()
+    walk, train = correlated_batches(n=2, seed=0), correlated_batches(n=3, seed=1)
+    seen = []
+
+    def task_loss(m, batch):
+        seen.append(batch["x"])
+        return m(batch["x"]).pow(2).mean()
+
+    cal = BlockwiseCalibrator(["layers.0", "layers.1"], walk, task_loss, CalibConfig(em_rounds=1, m_steps=5), m_batches=train)
+    cal._calibration_loss = lambda m: None  # the guard's passes read the walk batches; count the M-step only
+    compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"k": 16}), calibrator=cal)
+    assert len(seen) == 5
+    assert [next(i for i, b in enumerate(train) if b["x"] is x) for x in seen] == [0, 1, 2, 0, 1]
+    # without m_batches, the calibration batches
+    assert BlockwiseCalibrator(["layers.0"], walk, task_loss).m_batches == walk
+
+
 class Residual(nn.Module):
     def __init__(self, width=64):
         super().__init__()

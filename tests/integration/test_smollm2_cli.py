@@ -54,6 +54,8 @@ def test_quantize_save_reload_eval_info(tmp_path):
         (["quantize", "--calib", "sometimes"], "--calib"),
         (["quantize", "--soft-candidates", "4"], "--soft-candidates trains in the block M-step"),
         (["quantize", "--local-rounds", "-1"], "local_rounds must be >= 0"),
+        (["quantize", "--m-batch", "0"], "--m-batch >= 1"),
+        (["quantize", "--bogus-option"], "No such option"),
         (["eval", "/no/such/dir"], "not found"),
     ],
 )
@@ -115,10 +117,11 @@ def test_task_loss_em_round(tmp_path):
     out = tmp_path / "smol-em"
     proc = cli(
         "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.0.self_attn.*", "--calib-samples", "2",
-        "--calib-seq-len", "32", "--local-rounds", "0", "--em-rounds", "1", "--m-steps", "2", "--eval-tokens", "512",
-        "--out", str(out), "--json",
+        "--calib-seq-len", "32", "--local-rounds", "0", "--em-rounds", "1", "--m-steps", "2", "--m-samples", "3",
+        "--m-batch", "2", "--eval-tokens", "512", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
     assert result["calibration"]["em_rounds"] == 1 and result["calibration"]["m_objective"] == "task"
+    assert result["calibration"]["m_samples"] == 3 and result["calibration"]["m_batch"] == 2
     before, after = (result["report"]["metrics"][k]["perplexity"] for k in ("before", "after"))
     assert after < before * 1.5
