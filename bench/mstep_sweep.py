@@ -1,0 +1,72 @@
+"""Task-loss M-step settings, compared from one saved walk (the walk runs once, not per setting).
+
+Loads a model saved by ``compresskit quantize`` (the block walk, no EM round), runs the calibrator's
+task-loss M-step (AdamW on every codebook and row scale, next-token loss) with the given settings,
+and prints one JSON line: the settings, the loss every few steps, and perplexity on the pydoc
+evaluation slice and on each ``--eval-extra`` text. It leaves out the EM round's re-init and E-step
+(``bench/smollm2_rd.py --em-rounds 1`` runs the whole round).
+
+    compresskit quantize --method pq --bits 1 --param pool=false --param row_scale=true --out /tmp/pq1
+    python bench/mstep_sweep.py /tmp/pq1 --m-steps 64 --m-batch 2 --m-samples 64 --lr 5e-4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a compressed-model directory written by `compresskit quantize`")
+    p.add_argument("--m-steps", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--m-samples", type=int, default=16, help="calibration sequences the M-step trains on")
+    p.add_argument("--m-batch", type=int, default=8, help="sequences per AdamW step")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="window draw (the walk's own sequences are seed 0)")
+    p.add_argument("--norm-lr", type=float, default=0.0, help="> 0: also train the (dense) norm weights at this lr")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-extra", action="append", default=[], metavar="FILE", help="also evaluate on this text")
+    args = p.parse_args()
+
+    from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+    from compresskit.cli.run import _batched  # noqa: PLC2701
+    from compresskit.io import load_compressed
+
+    torch.manual_seed(0)
+    loaded, adapter = load_compressed(args.path)
+    model = loaded.model
+    batches = _batched(adapter.calibration_batches(loaded, None, args.m_samples, args.seq_len, seed=args.seed), args.m_batch)
+    config = CalibConfig(m_steps=args.m_steps, lr=args.lr)
+    calibrator = BlockwiseCalibrator(adapter.blocks(model), batches, adapter.task_loss, config, m_batches=batches)
+    norms = [q for n, q in model.named_parameters() if "norm" in n] if args.norm_lr > 0 else []
+    codebooks = calibrator._trainable  # noqa: SLF001
+    calibrator._trainable = lambda m: codebooks(m) + [(q, args.norm_lr / args.lr) for q in norms]  # noqa: SLF001
+    losses: list[float] = []
+
+    def loss_fn(step: int) -> torch.Tensor:
+        loss = adapter.task_loss(model, batches[step % len(batches)])
+        losses.append(round(loss.item(), 4))
+        return loss
+
+    t0 = time.perf_counter()
+    calibrator._optimise(model, loss_fn)  # noqa: SLF001
+    seconds = time.perf_counter() - t0
+    for q in norms:
+        q.requires_grad_(False)
+    row = {
+        "path": args.path, "m_steps": args.m_steps, "lr": args.lr, "m_samples": args.m_samples, "m_batch": args.m_batch,
+        "norm_lr": args.norm_lr, "seconds_m_step": round(seconds, 1),
+        "losses": losses[:: max(1, len(losses) // 8)] + losses[-1:],
+        "perplexity": adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)["perplexity"],
+        "perplexity_extra": {src.rsplit("/", 1)[-1]: adapter.evaluate(loaded, src, n_tokens=args.eval_tokens)["perplexity"]
+                             for src in args.eval_extra},
+    }
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
