@@ -9,7 +9,7 @@ import sys
 
 def label(r: dict) -> str:
     name = r["method"] if r["method"] != "fp" else "FP (float32 weights; size at FP16)"
-    if r.get("calib", "none") != "none":
+    if r.get("calib", "none") != "none" and r["method"] != "fp":
         name += f" + {r['calib']} calib" + (f" ({r['calib_samples']}x{r['seq_len']} tok)" if "seq_len" in r else "")
     if r.get("local_rounds"):
         name += f" + layer-wise EM x{r['local_rounds']}"
