@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="window draw (the walk's own sequences are seed 0)")
     p.add_argument("--norm-lr", type=float, default=0.0, help="> 0: also train the (dense) norm weights at this lr")
+    p.add_argument("--objective", choices=["task", "distill"], default="task",
+                   help="next-token loss, or KL to the uncompressed model's top-64 next-token distribution")
+    p.add_argument("--model", default=None, help="the uncompressed model, for --objective distill (default: smollm2-135m)")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-extra", action="append", default=[], metavar="FILE", help="also evaluate on this text")
     args = p.parse_args()
@@ -42,13 +45,19 @@ def main() -> None:
     batches = _batched(adapter.calibration_batches(loaded, None, args.m_samples, args.seq_len, seed=args.seed), args.m_batch)
     config = CalibConfig(m_steps=args.m_steps, lr=args.lr)
     calibrator = BlockwiseCalibrator(adapter.blocks(model), batches, adapter.task_loss, config, m_batches=batches)
+    teacher = {}
+    if args.objective == "distill":
+        fp = adapter.load(args.model).model
+        teacher = {j: adapter.distill_targets(fp, b) for j, b in enumerate(batches)}
+        del fp
     norms = [q for n, q in model.named_parameters() if "norm" in n] if args.norm_lr > 0 else []
     codebooks = calibrator._trainable  # noqa: SLF001
     calibrator._trainable = lambda m: codebooks(m) + [(q, args.norm_lr / args.lr) for q in norms]  # noqa: SLF001
     losses: list[float] = []
 
     def loss_fn(step: int) -> torch.Tensor:
-        loss = adapter.task_loss(model, batches[step % len(batches)])
+        j = step % len(batches)
+        loss = adapter.distill_loss(model, batches[j], teacher[j]) if teacher else adapter.task_loss(model, batches[j])
         losses.append(round(loss.item(), 4))
         return loss
 
@@ -59,7 +68,7 @@ def main() -> None:
         q.requires_grad_(False)
     row = {
         "path": args.path, "m_steps": args.m_steps, "lr": args.lr, "m_samples": args.m_samples, "m_batch": args.m_batch,
-        "norm_lr": args.norm_lr, "seconds_m_step": round(seconds, 1),
+        "norm_lr": args.norm_lr, "objective": args.objective, "seconds_m_step": round(seconds, 1),
         "losses": losses[:: max(1, len(losses) // 8)] + losses[-1:],
         "perplexity": adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)["perplexity"],
         "perplexity_extra": {src.rsplit("/", 1)[-1]: adapter.evaluate(loaded, src, n_tokens=args.eval_tokens)["perplexity"]

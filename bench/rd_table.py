@@ -21,7 +21,8 @@ def label(r: dict) -> str:
         name += f" [E-step x{r['e_sweeps']}, CG {r['cg_iters']}]"
     if r.get("em_rounds"):
         batches = f" of {r['m_batch']} seq from {r['m_samples']}" if r.get("m_samples") else ""
-        name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps{batches}, lr {r.get('lr', 1e-4):g})"
+        loss = ", KL to FP" if r.get("m_objective") == "distill" else ""
+        name += f" + EM x{r['em_rounds']} ({r['m_steps']} M-steps{batches}{loss}, lr {r.get('lr', 1e-4):g})"
     extra = {k: v for k, v in (r.get("params") or {}).items()}
     return name + (f" {extra}" if extra else "") + (f" ({r['note']})" if r.get("note") else "")
 

@@ -49,7 +49,10 @@ def run_one(method: str, bits: int | None, args) -> dict:
         if args.m_samples and args.calib == "data":
             m_batches = adapter.calibration_batches(loaded, None, args.m_samples, args.seq_len, seed=1)
         m_batches = _batched(m_batches or batches, args.m_batch)
-        calibrator = BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches)
+        distill = (adapter.distill_targets, adapter.distill_loss) if args.m_objective == "distill" else None
+        calibrator = BlockwiseCalibrator(
+            adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches, distill=distill
+        )
     params = json.loads(args.params) if args.params else {}
     args_, kwargs = adapter.example_inputs(loaded)
     t1 = time.perf_counter()
@@ -69,6 +72,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
         **({k: getattr(calibrator.config, k) for k in ("e_sweeps", "cg_iters", "asym_damp")} if calibrator is not None else {}),
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
+        **({"m_objective": args.m_objective} if args.m_steps else {}),
         **({"m_samples": args.m_samples or args.calib_samples, "m_batch": args.m_batch} if args.m_steps else {}),
         "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],
         "bits_per_weight_all_in": d["bits_per_weight_all_in"],
@@ -158,7 +162,7 @@ def main() -> None:
     p.add_argument("--local-rounds", type=int, default=0, help="layer-wise EM rounds (centroids, row scales, codes)")
     p.add_argument("--em-rounds", type=int, default=0)
     p.add_argument("--m-steps", type=int, default=0)
-    p.add_argument("--m-objective", default="task", choices=["task", "block"])
+    p.add_argument("--m-objective", default="task", choices=["task", "distill", "block"])
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--m-samples", type=int, default=0, help="sequences the task M-step trains on (0: the calibration ones)")
     p.add_argument("--m-batch", type=int, default=8, help="sequences per M-step")

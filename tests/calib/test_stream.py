@@ -7,6 +7,7 @@ import compresskit
 from compresskit import CompressConfig
 from compresskit.calib.estep import output_error
 from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+from compresskit.errors import CompressKitError
 
 
 class Chain(nn.Module):
@@ -119,6 +120,37 @@ def test_task_m_step_trains_on_its_own_batches_and_the_walk_on_the_calibration_o
     assert [next(i for i, b in enumerate(train) if b["x"] is x) for x in seen] == [0, 1, 2, 0, 1]
     # without m_batches, the calibration batches
     assert BlockwiseCalibrator(["layers.0"], walk, task_loss).m_batches == walk
+
+
+def test_distill_m_step_matches_the_uncompressed_model_recorded_before_the_walk():
+    """m_objective="distill": the teacher targets are the uncompressed model's outputs, taken before
+    any layer is compressed, and the M-step lowers the distance to them."""
+    torch.manual_seed(0)
+    base = Chain(width=64, depth=2).eval()
+    batches = correlated_batches(width=64, rows=128)
+    x = torch.cat([b["x"] for b in batches])
+    target = base(x).detach()
+
+    def targets_fn(model, batch):
+        return model(batch["x"]).detach()
+
+    def loss_fn(model, batch, teacher):
+        return (model(batch["x"]) - teacher).pow(2).mean()
+
+    errors = {}
+    for rounds in (0, 1):
+        model = Chain(width=64, depth=2).eval()
+        model.load_state_dict(base.state_dict())
+        cfg = CalibConfig(em_rounds=rounds, m_steps=30, lr=3e-3, m_objective="distill")
+        cal = BlockwiseCalibrator(["layers.0", "layers.1"], batches, config=cfg, distill=(targets_fn, loss_fn))
+        compresskit.compress(model, CompressConfig(method="pq", bits=2), calibrator=cal)
+        if rounds:
+            assert torch.equal(torch.cat([cal.m_teacher[j] for j in range(len(batches))]), target)
+        with torch.no_grad():
+            errors[rounds] = float((model(x) - target).pow(2).mean())
+    assert errors[1] < errors[0], errors
+    with pytest.raises(CompressKitError, match="distill"):
+        BlockwiseCalibrator(["layers.0"], batches, config=CalibConfig(m_objective="distill"))
 
 
 class Residual(nn.Module):

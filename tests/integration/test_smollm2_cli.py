@@ -112,16 +112,17 @@ def test_zero_data_with_soft_assignments(tmp_path):
     assert after == after and after < 1e4  # finite
 
 
-def test_task_loss_em_round(tmp_path):
-    """The task-loss M-step through the whole model (next-token loss on the calibration batches)."""
+@pytest.mark.parametrize("objective", ["task", "distill"])
+def test_task_loss_em_round(tmp_path, objective):
+    """The whole-model M-step: next-token loss, or KL to the uncompressed model's predictions."""
     out = tmp_path / "smol-em"
     proc = cli(
         "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.0.self_attn.*", "--calib-samples", "2",
         "--calib-seq-len", "32", "--local-rounds", "0", "--em-rounds", "1", "--m-steps", "2", "--m-samples", "3",
-        "--m-batch", "2", "--eval-tokens", "512", "--out", str(out), "--json",
+        "--m-batch", "2", "--m-objective", objective, "--eval-tokens", "512", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["calibration"]["em_rounds"] == 1 and result["calibration"]["m_objective"] == "task"
+    assert result["calibration"]["em_rounds"] == 1 and result["calibration"]["m_objective"] == objective
     assert result["calibration"]["m_samples"] == 3 and result["calibration"]["m_batch"] == 2
     before, after = (result["report"]["metrics"][k]["perplexity"] for k in ("before", "after"))
     assert after < before * 1.5
