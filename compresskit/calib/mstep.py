@@ -1,0 +1,221 @@
+"""The calibrator's M-steps and whole-model EM round (mixed into :class:`BlockwiseCalibrator`).
+
+- block M-step: train one block's codebooks to reproduce the uncompressed block's output (hard
+  codes, or VQ4DiT's soft candidate assignments);
+- whole-model EM round (DPQ): M-step with the task loss (or, ``m_objective="distill"``, the distance
+  to the uncompressed model's predictions recorded before the walk), dead-centroid re-initialisation,
+  E-step; each guarded so that a round never makes a layer (or the calibration loss) worse.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compresskit.nn import QuantizedModule
+from compresskit.rewrite import replace_module
+
+CODEBOOK_METHODS = ("pq", "vq")
+
+
+class MSteps:
+    """M-step half of :class:`compresskit.calib.stream.BlockwiseCalibrator` (uses its ``config``,
+    ``store``, ``batches``, ``m_batches``, ``task_loss``, ``distill``, ``teacher``, ``m_teacher``,
+    ``hessians``, ``originals`` and ``_run``)."""
+
+    @staticmethod
+    def _trainable(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+        """Every codebook/pool/row-scale tensor of ``model``'s codebook layers, with its learning-rate
+        multiplier. ``lr`` is in weight units (the DPQ setting, 1e-4, is for raw weights): centroids
+        of a row-scaled layer live in units of the row scale, so their step is ``lr / mean(scale)``,
+        which moves the rebuilt weight about as far as ``lr`` moves an unscaled centroid."""
+        params = []
+        for module in model.modules():
+            if isinstance(module, QuantizedModule) and module.quantizer.name in CODEBOOK_METHODS:
+                tensors = module.state_tensors()
+                scale = tensors.get("scale_")
+                unit = float(scale.float().abs().mean()) if scale is not None else 1.0
+                for name, p in tensors.items():
+                    if p.is_floating_point():
+                        params.append((p, 1.0 if name == "scale_" or not unit > 0 else 1.0 / unit))
+        return params
+
+    def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor]) -> float:
+        """AdamW on ``module``'s codebooks/pools/row scales for m_steps steps (float32 while training)."""
+        trainable = self._trainable(module)
+        if not trainable or not self.config.m_steps:
+            return float("nan")
+        params = [p for p, _ in trainable]
+        originals = [p.data for p in params]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        groups = [{"params": [p], "lr": self.config.lr * mult} for p, mult in trainable]
+        opt = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        loss_value = float("nan")
+        try:
+            for step in range(self.config.m_steps):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(step)
+                loss.backward()
+                opt.step()
+                loss_value = loss.item()
+        finally:
+            for p, orig in zip(params, originals):
+                p.requires_grad_(False)
+                p.grad = None
+                p.data = p.data.to(orig.dtype)  # stored precision (float16): what is saved is what is evaluated
+        return loss_value
+
+    def _block_m_step(self, block: nn.Module, calls: list, teacher: list[torch.Tensor]) -> float:
+        def loss_fn(step: int) -> torch.Tensor:
+            j = step % len(calls)
+            return (self._run(block, calls[j]) - self.store.resolve(teacher[j])).pow(2).mean()
+
+        return self._optimise(block, loss_fn)
+
+    def _soft_block_m_step(self, model, block_name: str, names: list[str], calls: list, teacher) -> float:
+        """VQ4DiT: train soft candidate assignments and centroids of the block's codebook layers to
+        reproduce the uncompressed block; freeze confident subvectors as it goes, then harden."""
+        from compresskit.calib.soft import SoftAssignment
+
+        block = model.get_submodule(block_name)
+        softs: dict[str, tuple[QuantizedModule, SoftAssignment]] = {}
+        for name in names:
+            qm = model.get_submodule(name)
+            if isinstance(qm, QuantizedModule) and qm.quantizer.name in CODEBOOK_METHODS:
+                qm._sync()
+                W = qm.quantizer.inverse_transform().float()
+                softs[name] = (qm, SoftAssignment(qm.quantizer, W, n_candidates=self.config.soft_candidates))
+        if not softs or not self.config.m_steps:
+            return float("nan")
+        handles = [qm.register_forward_pre_hook(_soft_weight_hook(soft)) for qm, soft in softs.values()]
+        tables = [soft.table for _, soft in softs.values()]
+        logits = [soft.logits for _, soft in softs.values()]
+        opt = torch.optim.AdamW(
+            [{"params": tables, "lr": self.config.lr}, {"params": logits, "lr": self.config.logit_lr}],
+            weight_decay=self.config.weight_decay,
+        )
+        loss_value = float("nan")
+        try:
+            for step in range(self.config.m_steps):
+                j = step % len(calls)
+                ramp = (step + 1) / self.config.m_steps
+                loss = (self._run(block, calls[j]) - self.store.resolve(teacher[j])).pow(2).mean()
+                loss_value = loss.item()
+                loss = loss + self.config.entropy_weight * ramp * sum(soft.entropy() for _, soft in softs.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if (step + 1) % 10 == 0:
+                    for _, soft in softs.values():
+                        soft.freeze_confident()
+        finally:
+            for h in handles:
+                h.remove()
+        for name, (qm, soft) in softs.items():
+            soft.write_back(qm.quantizer)
+            replace_module(model, name, type(qm)(qm.quantizer, qm.bias, qm.cache_weight)._adopt(qm))
+        return loss_value
+
+    def em_round(self, model: nn.Module) -> float:
+        """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.
+
+        A layer whose output error (on its calibration Hessian) would rise through the re-init is
+        restored and only re-assigned: the E-step never lets the error grow, so the round cannot
+        make a layer worse than the M-step left it. With a task loss, the re-init and E-step are
+        kept only if the mean calibration loss does not rise through them (else the round ends with
+        the M-step's state).
+
+        Returns the last M-step loss (nan without an M-step).
+        """
+        loss = float("nan")
+        if self._distilling():
+            loss = self._optimise(model, lambda step: self._m_loss(model, step % len(self.m_batches)))
+        elif self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
+            loss = self._optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]))
+        # re-assignment serves each layer's output error, which is not the task loss the M-step just
+        # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
+        after_m = self._calibration_loss(model)
+        snapshots = {} if after_m is None else {
+            name: _snapshot(m) for name, m in model.named_modules() if name in self.originals and isinstance(m, QuantizedModule)
+        }
+        self._reassign(model)
+        if after_m is not None and not self._calibration_loss(model) <= after_m:
+            for name, snap in snapshots.items():
+                _restore(model.get_submodule(name), snap)
+        return loss
+
+    def _calibration_loss(self, model: nn.Module) -> float | None:
+        """Mean M-step loss (task or distillation) over the calibration batches (None without one)."""
+        if self._distilling():
+            _, loss_fn = self.distill
+            with torch.no_grad():
+                return sum(float(loss_fn(model, b, self.teacher[j])) for j, b in enumerate(self.batches)) / len(self.batches)
+        if self.task_loss is None:
+            return None
+        with torch.no_grad():
+            return sum(float(self.task_loss(model, b)) for b in self.batches) / len(self.batches)
+
+    # ---- distillation M-step ----------------------------------------------------------------
+    def _distilling(self) -> bool:
+        return self.config.m_objective == "distill" and self.config.em_rounds > 0 and self.config.m_steps > 0
+
+    def _take_teacher(self, model: nn.Module) -> None:
+        """Record the uncompressed model's predictions on the calibration and M-step batches."""
+        targets_fn, _ = self.distill
+        with torch.no_grad():
+            self.teacher = {j: targets_fn(model, b) for j, b in enumerate(self.batches)}
+            same = self.m_batches is self.batches
+            self.m_teacher = self.teacher if same else {j: targets_fn(model, b) for j, b in enumerate(self.m_batches)}
+
+    def _m_loss(self, model: nn.Module, j: int) -> torch.Tensor:
+        _, loss_fn = self.distill
+        return loss_fn(model, self.m_batches[j], self.m_teacher[j])
+
+    def _reassign(self, model: nn.Module) -> None:
+        """Dead-centroid re-initialisation and E-step on every codebook layer (guarded per layer)."""
+        from compresskit.calib.deadcode import reinit_dead, usage_counts
+        from compresskit.calib.estep import e_step, output_error
+
+        for name, module in model.named_modules():
+            if name not in self.originals or not isinstance(module, QuantizedModule):
+                continue
+            module._sync()
+            q, W, H = module.quantizer, self.originals[name], self.hessians[name]
+            before = output_error(W, q.inverse_transform().float(), H)
+            saved = _snapshot(module)
+            # the paper's tau_dead counts uses over forward passes: each M-step pass used the current codes once
+            usage = usage_counts(q) * max(1, self.config.m_steps)
+            reinit_dead(q, W, usage, tau_dead=self.config.tau_dead, seed=self.config.seed)
+            module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+            module._sync()
+            if output_error(W, q.inverse_transform().float(), H) > before:
+                # with few passes the usage count flags live centroids as dead; never pay for a re-init
+                _restore(module, saved)
+                module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+
+
+def _snapshot(module: QuantizedModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Copies of a compressed module's learned tensors and codes, for :func:`_restore`."""
+    return {k: t.detach().clone() for k, t in module.state_tensors().items()}, module.codes.clone()
+
+
+def _restore(module: QuantizedModule, snapshot: tuple[dict[str, torch.Tensor], torch.Tensor]) -> None:
+    """Write a :func:`_snapshot` back in place (the quantizer shares the module's tensors)."""
+    tensors, codes = snapshot
+    with torch.no_grad():
+        for k, t in module.state_tensors().items():
+            t.copy_(tensors[k])
+        module.codes.copy_(codes)
+    module._sync()
+
+
+def _soft_weight_hook(soft):
+    """While training soft assignments, the compressed module computes with the soft weight."""
+
+    def hook(module, args):
+        module._soft_weight = soft.weight()
+
+    return hook
