@@ -11,7 +11,7 @@ def label(r: dict) -> str:
     name = r["method"] if r["method"] != "fp" else "FP (float32 weights; size at FP16)"
     if r.get("calib", "none") != "none" and r["method"] != "fp":
         name += f" + {r['calib']} calib" + (f" ({r['calib_samples']}x{r['seq_len']} tok)" if "seq_len" in r else "")
-    if r.get("local_rounds"):
+    if r.get("local_rounds") and r["method"] in ("pq", "vq"):
         name += f" + layer-wise EM x{r['local_rounds']}"
     if r.get("asymmetric"):
         name += f" + asym (ridge {r.get('asym_damp', 0.3):g})"
@@ -45,7 +45,7 @@ def main(paths: list[str]) -> None:
           + "".join(f"ppl {name} | " for name in extras) + "compress s | total s |")
     print("|---|---|---|---|---|---|---|" + "---|" * len(extras) + "---|---|")
     for r in rows:
-        ratio = f"{r['perplexity'] / fp:.2f}" if fp else "-"
+        ratio = "-" if not fp else f"{r['perplexity'] / fp:.2f}" if r["perplexity"] < 100 * fp else f"{r['perplexity'] / fp:.3g}"
         other = "".join(f"{r['perplexity_extra'][n]:.4g} | " if n in r.get("perplexity_extra", {}) else "- | " for n in extras)
         print(
             f"| {label(r)} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['bits_per_weight_all_in']:.3f} | "
