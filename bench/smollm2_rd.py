@@ -122,7 +122,7 @@ def plot(jsonls: list[Path], png: Path) -> None:
         if r["method"] == "fp":
             continue
         label = r["method"] + ("" if r.get("calib", "none") == "none" else " + E-step" if r["method"] != "gptq" else " (calibrated)")
-        label += f" + EM (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
+        label += f" + EM{' distill' if r.get('m_objective') == 'distill' else ''} (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
         label += f" + layer-wise EM x{r['local_rounds']}" if r.get("local_rounds") else ""
         label += " asym" if r.get("asymmetric") else ""
         label += " stages" if r.get("sequential") else ""
