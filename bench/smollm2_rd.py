@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 
-def run_one(method: str, bits: int | None, args) -> dict:
+def run_one(method: str, bits: int | None, args) -> list[dict]:
+    """One configuration's rows: one, or two with ``--eval-walk`` (the walk, then walk + EM)."""
     from compresskit import CompressConfig, compress
     from compresskit.adapters import get_adapter
     from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
@@ -36,7 +37,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
     if method == "fp":
         metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
         n = sum(p.numel() for p in loaded.model.parameters())
-        return {**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics, **_extra(adapter, loaded, args)}
+        return [{**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics, **_extra(adapter, loaded, args)}]
     calibrator = None
     if args.calib != "none":
         config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr, asymmetric=not args.symmetric, sequential=not args.one_stage)
@@ -56,6 +57,9 @@ def run_one(method: str, bits: int | None, args) -> dict:
     params = json.loads(args.params) if args.params else {}
     args_, kwargs = adapter.example_inputs(loaded)
     t1 = time.perf_counter()
+    walk_row: dict = {}
+    if args.eval_walk and calibrator is not None and args.em_rounds:
+        _evaluate_before_em(calibrator, adapter, loaded, args, t1, walk_row)
     report = compress(
         loaded.model, CompressConfig(method=method, bits=bits, params=params), example_args=args_,
         example_kwargs=kwargs, keep_dense=[p for p, _ in adapter.keep_dense], calibrator=calibrator,
@@ -63,7 +67,7 @@ def run_one(method: str, bits: int | None, args) -> dict:
     seconds_compress = time.perf_counter() - t1
     metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
     d = report.to_dict()
-    return {
+    row = {
         **row,
         "params": params,
         "local_rounds": args.local_rounds if args.calib != "none" else 0,
@@ -84,6 +88,27 @@ def run_one(method: str, bits: int | None, args) -> dict:
         **metrics,
         **_extra(adapter, loaded, args),
     }
+    if not walk_row:
+        return [row]
+    # the same walk before its EM rounds: the row a run without --em-rounds would have measured
+    walk = {k: v for k, v in row.items() if k not in ("m_objective", "m_samples", "m_batch", "perplexity_extra")}
+    walk_row["seconds_total"] = (t1 - t0) + walk_row["seconds_compress"] + walk_row.pop("seconds_evaluating_walk")
+    return [{**walk, "em_rounds": 0, "m_steps": 0, **walk_row}, row]
+
+
+def _evaluate_before_em(calibrator, adapter, loaded, args, t1: float, out: dict) -> None:
+    """Evaluate the model once the walk is done, before the first EM round (results into ``out``)."""
+    em_round = calibrator.em_round
+
+    def first_round_evaluates(model, **kwargs):
+        if not out:
+            seconds = time.perf_counter() - t1
+            t = time.perf_counter()
+            out.update(adapter.evaluate(loaded, None, n_tokens=args.eval_tokens), **_extra(adapter, loaded, args))
+            out.update(seconds_compress=seconds, seconds_evaluating_walk=time.perf_counter() - t)
+        return em_round(model, **kwargs)
+
+    calibrator.em_round = first_round_evaluates
 
 
 def _extra(adapter, loaded, args) -> dict:
@@ -169,6 +194,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-extra", action="append", default=[], metavar="FILE",
                    help="also report perplexity on this text file (repeatable): a domain the calibration never saw")
+    p.add_argument("--eval-walk", action="store_true",
+                   help="with --em-rounds: also evaluate the model after the walk, before its EM rounds (one more row)")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here too")
     p.add_argument("--plot", type=Path, nargs="+", default=None, help="JSON-lines files to plot (no runs)")
     p.add_argument("--png", type=Path, default=Path("docs/smollm2_rd.png"))
@@ -179,12 +206,12 @@ def main() -> None:
     torch.manual_seed(0)
     for method in args.methods.split(","):
         for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
-            row = run_one(method, bits, args)
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(line + "\n")
+            for row in run_one(method, bits, args):
+                line = json.dumps(row)
+                print(line, flush=True)
+                if args.out:
+                    with args.out.open("a") as f:
+                        f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from compresskit.nn import qmodule_for
 from compresskit.report import CompressionReport, LayerReport, dense_size, round_dense
 from compresskit.rewrite import find_layers, replace_module, select_layers
 
-Progress = Callable[[str, int, int], None]  # (layer name, index, total)
+# (description, index, total): the layer being compressed (with the latest block's output error when
+# the calibrator measures it), then each EM round's M-step with its loss
+Progress = Callable[[str, int, int], None]
 
 
 def compress(

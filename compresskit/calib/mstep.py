@@ -41,8 +41,9 @@ class MSteps:
                         params.append((p, 1.0 if name == "scale_" or not unit > 0 else 1.0 / unit))
         return params
 
-    def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor]) -> float:
-        """AdamW on ``module``'s codebooks/pools/row scales for m_steps steps (float32 while training)."""
+    def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor], progress=None, label: str = "M-step") -> float:
+        """AdamW on ``module``'s codebooks/pools/row scales for m_steps steps (float32 while training);
+        ``progress(description, step, m_steps)`` hears each step's loss."""
         trainable = self._trainable(module)
         if not trainable or not self.config.m_steps:
             return float("nan")
@@ -61,6 +62,8 @@ class MSteps:
                 loss.backward()
                 opt.step()
                 loss_value = loss.item()
+                if progress is not None:
+                    progress(f"{label}: M-step loss {loss_value:.4g}", step + 1, self.config.m_steps)
         finally:
             for p, orig in zip(params, originals):
                 p.requires_grad_(False)
@@ -119,7 +122,7 @@ class MSteps:
             replace_module(model, name, type(qm)(qm.quantizer, qm.bias, qm.cache_weight)._adopt(qm))
         return loss_value
 
-    def em_round(self, model: nn.Module) -> float:
+    def em_round(self, model: nn.Module, progress=None, label: str = "EM round") -> float:
         """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.
 
         A layer whose output error (on its calibration Hessian) would rise through the re-init is
@@ -128,13 +131,16 @@ class MSteps:
         kept only if the mean calibration loss does not rise through them (else the round ends with
         the M-step's state).
 
-        Returns the last M-step loss (nan without an M-step).
+        Returns the last M-step loss (nan without an M-step); ``progress`` (as in the walk) hears each
+        M-step's loss, described with ``label``.
         """
         loss = float("nan")
         if self._distilling():
-            loss = self._optimise(model, lambda step: self._m_loss(model, step % len(self.m_batches)))
+            loss = self._optimise(model, lambda step: self._m_loss(model, step % len(self.m_batches)), progress, label)
         elif self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
-            loss = self._optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]))
+            loss = self._optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]), progress, label)
+        if progress is not None:
+            progress(f"{label}: re-init and E-step", self.config.m_steps, self.config.m_steps)
         # re-assignment serves each layer's output error, which is not the task loss the M-step just
         # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
         after_m = self._calibration_loss(model)

@@ -136,7 +136,10 @@ class BlockwiseCalibrator(MSteps):
         # original weight; O(sum of n^2 + m n) floats, which is why they are not kept otherwise
         self.hessians: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
-        self.block_losses: dict[str, float] = {}
+        self.block_losses: dict[str, float] = {}  # block M-step: its last loss
+        # relative squared error of each compressed block's output against the original model's
+        # (asymmetric walk) or the uncompressed block's on the same inputs (block M-step's teacher)
+        self.block_errors: dict[str, float] = {}
         self.store = ActivationStore()  # replaced for each walk by one honouring offload_dir
         self.asymmetric = False  # set by the walk: asymmetric targets were used (config asks, blocks chained)
 
@@ -152,8 +155,8 @@ class BlockwiseCalibrator(MSteps):
             self._take_teacher(model)
         with ActivationStore(self.config.offload_dir) as self.store:
             reports = self._walk(model, layers, make_quantizer, report_layer, compress_plain, progress)
-        for _ in range(self.config.em_rounds):
-            self.em_round(model)
+        for r in range(self.config.em_rounds):
+            self.em_round(model, progress=progress, label=f"EM round {r + 1}/{self.config.em_rounds}")
         return reports
 
     def _walk(self, model, layers, make_quantizer, report_layer, compress_plain, progress) -> list:
@@ -165,7 +168,7 @@ class BlockwiseCalibrator(MSteps):
         self.asymmetric = asym = self.config.asymmetric and chained
         calls = self._capture(model, model.get_submodule(self.blocks[0]), slot=0)
         fp_calls = calls  # with asym: the uncompressed model's inputs of the current block
-        done = 0
+        done, last = 0, ""  # last: the latest block's output error, shown beside each layer name
         for i, block_name in enumerate(self.blocks):
             names = by_block[block_name]
             block = model.get_submodule(block_name)
@@ -186,7 +189,7 @@ class BlockwiseCalibrator(MSteps):
                         stats = self._statistics(block, block_name, stage, calls, original, None)
                     for name in stage:
                         if progress is not None:
-                            progress(name, done, len(layers))
+                            progress(name + last, done, len(layers))
                         reports.append(self._compress_named(model, name, layers[name], make_quantizer, report_layer, stats, keep_h))
                         done += 1
                 del original
@@ -199,6 +202,10 @@ class BlockwiseCalibrator(MSteps):
                 if asym and fp_outs is None:  # nothing compressed here: the block is still the original
                     fp_outs = self._outputs(block, fp_calls, tag=fp_tag)
                 outs = self._outputs(block, calls, tag=f"x{(i + 1) % 2}_")
+                reference = fp_outs if asym else teacher
+                if names and reference is not None:
+                    self.block_errors[block_name] = err = self._relative_error(outs, reference)
+                    last = f"  ({block_name} output error {err:.3g})"
                 calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(calls, outs)]
                 if asym:
                     fp_calls = [_Call((out,) + c.args[1:], c.kwargs) for c, out in zip(fp_calls, fp_outs)]
@@ -296,6 +303,15 @@ class BlockwiseCalibrator(MSteps):
                 if tag is not None:
                     refs.append(self.store.put(f"{tag}{j}", out))
         return refs
+
+    def _relative_error(self, outs: list, reference: list) -> float:
+        """``sum |out - ref|^2 / sum |ref|^2`` over the calibration batches (stored references)."""
+        num = den = 0.0
+        for o, r in zip(outs, reference):
+            o, r = self.store.resolve(o).float(), self.store.resolve(r).float()
+            num += float((o - r).pow(2).sum())
+            den += float(r.pow(2).sum())
+        return num / den if den > 0 else float("nan")
 
     def _statistics(self, block, block_name: str, names: list[str], calls: list[_Call], original, fp_tag: str | None) -> "_Stats":
         """Input statistics of the selected layers ``names`` of ``block`` on the compressed model's
