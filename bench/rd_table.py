@@ -19,6 +19,9 @@ def label(r: dict) -> str:
         name += " + stages"
     if r.get("e_sweeps") and r["method"] in ("pq", "vq"):
         name += f" [E-step x{r['e_sweeps']}, CG {r['cg_iters']}]"
+    if r.get("m_objective") == "block" and r.get("m_steps"):
+        soft = f", soft assignments over {r['soft_candidates']} candidates" if r.get("soft_candidates") else ""
+        name += f" + block M-step ({r['m_steps']} steps{soft}, lr {r.get('lr', 1e-4):g})"
     if r.get("em_rounds"):
         batches = f" of {r['m_batch']} seq from {r['m_samples']}" if r.get("m_samples") else ""
         loss = ", KL to FP" if r.get("m_objective") == "distill" else ""

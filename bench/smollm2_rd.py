@@ -40,7 +40,7 @@ def run_one(method: str, bits: int | None, args) -> list[dict]:
         return [{**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics, **_extra(adapter, loaded, args)}]
     calibrator = None
     if args.calib != "none":
-        config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr, asymmetric=not args.symmetric, sequential=not args.one_stage)
+        config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr, asymmetric=not args.symmetric, sequential=not args.one_stage, soft_candidates=args.soft_candidates)
         batches = (
             adapter.noise_batches(loaded, args.calib_samples, args.seq_len, seed=0)
             if args.calib == "zero-data"
@@ -77,6 +77,7 @@ def run_one(method: str, bits: int | None, args) -> list[dict]:
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
         **({"m_objective": args.m_objective} if args.m_steps else {}),
+        **({"soft_candidates": args.soft_candidates} if args.soft_candidates else {}),
         **({"m_samples": args.m_samples or args.calib_samples, "m_batch": args.m_batch} if args.m_steps else {}),
         "bits_per_weight_layers": d["bits_per_weight_compressed_layers"],
         "bits_per_weight_all_in": d["bits_per_weight_all_in"],
@@ -189,6 +190,7 @@ def main() -> None:
     p.add_argument("--m-steps", type=int, default=0)
     p.add_argument("--m-objective", default="task", choices=["task", "distill", "block"])
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--soft-candidates", type=int, default=0, help="VQ4DiT soft assignments in the block M-step (candidates per subvector)")
     p.add_argument("--m-samples", type=int, default=0, help="sequences the task M-step trains on (0: the calibration ones)")
     p.add_argument("--m-batch", type=int, default=8, help="sequences per M-step")
     p.add_argument("--eval-tokens", type=int, default=8192)

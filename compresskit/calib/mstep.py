@@ -35,10 +35,10 @@ class MSteps:
             if isinstance(module, QuantizedModule) and module.quantizer.name in CODEBOOK_METHODS:
                 tensors = module.state_tensors()
                 scale = tensors.get("scale_")
-                unit = float(scale.float().abs().mean()) if scale is not None else 1.0
+                unit = _unit(scale) if scale is not None else 1.0
                 for name, p in tensors.items():
                     if p.is_floating_point():
-                        params.append((p, 1.0 if name == "scale_" or not unit > 0 else 1.0 / unit))
+                        params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
         return params
 
     def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor], progress=None, label: str = "M-step") -> float:
@@ -94,12 +94,10 @@ class MSteps:
         if not softs or not self.config.m_steps:
             return float("nan")
         handles = [qm.register_forward_pre_hook(_soft_weight_hook(soft)) for qm, soft in softs.values()]
-        tables = [soft.table for _, soft in softs.values()]
+        # lr in weight units, as in _trainable: a row-scaled table lives in units of its row scales
+        tables = [{"params": [soft.table], "lr": self.config.lr / _unit(soft.row_scale)} for _, soft in softs.values()]
         logits = [soft.logits for _, soft in softs.values()]
-        opt = torch.optim.AdamW(
-            [{"params": tables, "lr": self.config.lr}, {"params": logits, "lr": self.config.logit_lr}],
-            weight_decay=self.config.weight_decay,
-        )
+        opt = torch.optim.AdamW(tables + [{"params": logits, "lr": self.config.logit_lr}], weight_decay=self.config.weight_decay)
         loss_value = float("nan")
         try:
             for step in range(self.config.m_steps):
@@ -201,6 +199,13 @@ class MSteps:
                 # with few passes the usage count flags live centroids as dead; never pay for a re-init
                 _restore(module, saved)
                 module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+
+
+def _unit(row_scale: torch.Tensor) -> float:
+    """The mean magnitude of a layer's row scales (1 where it is not positive): a centroid step of
+    ``lr / unit`` moves the rebuilt weight about ``lr``."""
+    unit = float(row_scale.float().abs().mean())
+    return unit if unit > 0 else 1.0
 
 
 def _snapshot(module: QuantizedModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -82,3 +82,32 @@ def test_candidates_are_the_nearest_centroids():
     soft = SoftAssignment(q, W, n_candidates=2)
     # k-means codes are the nearest, so the 2nd candidate is the 2nd nearest: never the same code
     assert (soft.candidates[..., 0] != soft.candidates[..., 1]).all()
+
+
+def test_soft_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids():
+    """One soft block M-step moves the rebuilt weight about as far whether the rows are small or not
+    (the table of a row-scaled layer lives in units of its row scales, so it steps lr / mean(scale))."""
+    import compresskit
+    from compresskit import CompressConfig
+    from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+
+    from toy_models import Residual
+
+    def weight_step(weight_scale):
+        deq = {}
+        for steps in (0, 1):
+            torch.manual_seed(0)
+            model = Residual(16, 1).eval()
+            with torch.no_grad():
+                model.blocks[0].fc.weight.mul_(weight_scale)
+            batches = [{"x": torch.randn(64, 16, generator=torch.Generator().manual_seed(1))}]
+            cfg = CalibConfig(m_steps=steps, m_objective="block", soft_candidates=2, lr=1e-2, logit_lr=0.0, e_sweeps=0)
+            cal = BlockwiseCalibrator(["blocks.0"], batches, config=cfg)
+            params = {"pool": False, "k": 8, "row_scale": True}
+            compresskit.compress(model, CompressConfig(method="pq", bits=2, params=params), calibrator=cal)
+            deq[steps] = model.blocks[0].fc.dequantize().float()
+        return float((deq[1] - deq[0]).abs().max())
+
+    small, plain = weight_step(0.05), weight_step(1.0)
+    assert small > 0 and plain > 0
+    assert 0.5 < small / plain < 2.0, (small, plain)

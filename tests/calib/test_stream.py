@@ -236,7 +236,7 @@ def test_em_round_never_ends_above_its_own_m_step_on_the_calibration_loss():
         model = Chain(width=64, depth=2).eval()
         model.load_state_dict(base.state_dict())
         cal = BlockwiseCalibrator(["layers.0", "layers.1"], batches, task_loss, CalibConfig(em_rounds=1, m_steps=30, lr=3e-3))
-        cal.em_round = lambda model: None  # the walk only (keeping Hessians); the round by hand below
+        cal.em_round = lambda model, **_: None  # the walk only (keeping Hessians); the round by hand below
         compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": pool}), calibrator=cal)
         m_only = copy.deepcopy(model)
         BlockwiseCalibrator.em_round(cal, model)
