@@ -150,6 +150,9 @@ def plot(jsonls: list[Path], png: Path) -> None:
         label = r["method"] + ("" if r.get("calib", "none") == "none" else " + E-step" if r["method"] != "gptq" else " (calibrated)")
         label += f" + EM{' distill' if r.get('m_objective') == 'distill' else ''} (lr {r.get('lr', 1e-4):g})" if r.get("em_rounds") else ""
         label += f" + layer-wise EM x{r['local_rounds']}" if r.get("local_rounds") else ""
+        label += " zero-data" if r.get("calib") == "zero-data" else ""
+        label += " + block M-step" if r.get("m_objective") == "block" and r.get("m_steps") else ""
+        label += " soft" if r.get("soft_candidates") else ""
         label += " asym" if r.get("asymmetric") else ""
         label += " stages" if r.get("sequential") else ""
         params = r.get("params") or {}
