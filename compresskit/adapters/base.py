@@ -1,13 +1,17 @@
 """The adapter contract: what compresskit needs to know about one model family, and the registry.
 
-Adapters are mostly data. One small file per family says how to load a model, which modules to keep
-dense (fnmatch patterns, each with its reason), which repeated blocks calibration walks through, what
-calibration batches and task loss the family uses, and how to evaluate it. Adapters hold no
-compression loop: :func:`compresskit.compress` is the only one, and it calls the adapter.
+Adapters are mostly data. One small folder per family says how to load a model, which modules to keep
+dense (fnmatch patterns, each with its reason), how calibration data is drawn, what task loss the
+family trains on and how it is evaluated. Adapters hold no compression loop:
+:func:`compresskit.compress` is the only one, and it calls the adapter.
+
+Nothing here names a family's vocabulary. Calibration data is whatever model-call keyword arguments
+the family needs (:class:`DataSpec` says how many, from where, with which seed, plus the family's own
+:attr:`Adapter.calib_options`); :meth:`Adapter.evaluate` returns the family's metrics, one of them
+named :attr:`Adapter.primary_metric`.
 
 Built-in adapters register with :func:`register_adapter`; other packages add theirs through the
-entry-point group ``compresskit.adapters`` (``name = "package.module:AdapterClass"``), loaded the first
-time the registry is read.
+entry-point group ``compresskit.adapters`` (``name = "package.module:AdapterClass"``).
 """
 from __future__ import annotations
 
@@ -15,15 +19,18 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from compresskit.errors import CompressKitError
 from compresskit.registry import Registry
+from compresskit.targets import Layout
 
 ENTRY_POINT_GROUP = "compresskit.adapters"
+
+Batch = dict[str, Any]  # keyword arguments of one model call: model(**batch)
 
 
 @dataclass
@@ -31,8 +38,8 @@ class LoadedModel:
     """A model as an adapter loaded it, with where it came from.
 
     ``source`` is what the user asked for (an alias, a hub id, a path); ``resolved`` is the file or
-    directory actually read; ``revision`` is the commit hash when known (hub-cache snapshots carry
-    it), else ``None``. ``extras`` holds what the family needs besides the module (e.g. ``tokenizer``).
+    directory actually read; ``revision`` is the commit hash when known, else ``None``. ``extras``
+    holds what the family needs besides the module (a tokenizer, a noise schedule, cameras).
     """
 
     model: nn.Module
@@ -42,61 +49,134 @@ class LoadedModel:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-Batch = dict[str, torch.Tensor]  # keyword arguments of one model call
+@dataclass(frozen=True)
+class Option:
+    """One family-specific data option: its default (whose type the value must have) and what it means."""
+
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which calibration data to draw: ``n_samples`` samples from ``source`` (``None``: the family's
+    default data), deterministic for ``seed``; ``options`` are the family's :attr:`Adapter.calib_options`
+    (defaults filled in by :meth:`Adapter.calib_spec`)."""
+
+    source: str | None = None
+    n_samples: int = 16
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Which evaluation to run: on ``source`` (``None``: the family's default), with ``seed`` and the
+    family's :attr:`Adapter.eval_options` (defaults filled in by :meth:`Adapter.eval_spec`)."""
+
+    source: str | None = None
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Adapter(ABC):
-    """What compresskit needs to know about one model family. Subclasses set the class attributes
-    and implement every abstract method with exactly these signatures.
+    """What compresskit needs to know about one model family.
 
-    ``keep_dense`` is a tuple of ``(fnmatch pattern, reason)`` over module names
-    (``model.named_modules()``); a module matching any pattern is never compressed. ``target_types``
-    are the module types compressed when not kept dense.
+    Data: ``keep_dense`` ``(fnmatch pattern, reason)`` pairs over module / target names, never
+    compressed; ``method_defaults`` ``{method: ({param: value}, why)}`` quantizer parameters the family
+    uses unless the user sets them; ``primary_metric`` the key of :meth:`evaluate`'s result that ranks
+    models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options.
+
+    Required: :meth:`load`, :meth:`calibration_batches`, :meth:`evaluate`. Everything else is optional
+    and says so with one clear error when a feature that needs it is asked for.
     """
 
     name: ClassVar[str] = ""
     keep_dense: ClassVar[tuple[tuple[str, str], ...]] = ()
-    # quantizer parameters this family uses unless the user sets them: {method: ({param: value}, why)}
     method_defaults: ClassVar[dict[str, tuple[dict[str, Any], str]]] = {}
-    target_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    primary_metric: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = False
+    calib_options: ClassVar[dict[str, Option]] = {}
+    eval_options: ClassVar[dict[str, Option]] = {}
 
-    # ---- the contract -----------------------------------------------------------------------
+    # ---- required ---------------------------------------------------------------------------
     @abstractmethod
     def load(self, spec: str | None) -> LoadedModel:
         """Load the model named by ``spec`` (``None``: the family's default), in eval mode, float32.
 
         Raise one :class:`CompressKitError` saying what was tried and how to provide the model when it
-        cannot be found; never reach the network unless the user asked for it.
+        cannot be found; never reach the network.
         """
 
     @abstractmethod
-    def blocks(self, model: nn.Module) -> list[str]:
-        """Names of the repeated blocks, in execution order (``model.layers.0``, ...), for
-        block-by-block calibration."""
+    def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """``data.n_samples`` model-call kwargs, one sample each (leading dimension 1), deterministic
+        for ``data.seed`` and never overlapping what :meth:`evaluate` reads. The calibrator groups
+        them into batches."""
 
     @abstractmethod
-    def example_inputs(self, loaded: LoadedModel) -> tuple[tuple, dict[str, Any]]:
-        """A small ``(args, kwargs)`` example of one forward call, for graph tracing (``torch.export``)."""
+    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float]:
+        """The family's metrics on a fixed evaluation set, including :attr:`primary_metric`; same
+        model and spec, same numbers."""
 
-    @abstractmethod
-    def calibration_batches(
-        self, loaded: LoadedModel, source: str | None, n_samples: int, seq_len: int, seed: int = 0
-    ) -> list[Batch]:
-        """``n_samples`` model-call kwargs drawn from ``source`` (``None``: the family's default data),
-        deterministic for a given seed, and never overlapping what :meth:`evaluate` reads."""
+    # ---- optional: recognising, structure, calibration --------------------------------------
+    @classmethod
+    def recognises(cls, spec: str | None) -> bool:
+        """Can this adapter load ``spec`` (by alias, file type, config class)? Used to pick the
+        adapter when the user names none; it must be cheap and never load weights."""
+        return False
 
-    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[str] | None:
+        """Names of the repeated blocks in execution order, for block-by-block calibration; ``None``
+        calibrates layer by layer. Blocks need not be chained (a U-Net's are not)."""
+        return None
+
+    def example_inputs(self, loaded: LoadedModel) -> tuple[tuple, dict[str, Any]] | None:
+        """A small ``(args, kwargs)`` forward-call example for graph tracing (``torch.export``), or
+        ``None`` to find layers from the module tree."""
+        return None
+
+    def layouts(self) -> dict[type[nn.Module], tuple[str, Layout]]:
+        """Module types of this family that are layers the core does not know: ``{type: (kind, layout)}``."""
+        return {}
+
+    def embeddings(self, model: nn.Module) -> dict[str, str]:
+        """Targets that are lookup tables or output heads (an LM's token embedding and ``lm_head``),
+        as ``{name: reason}``: kept dense unless ``CompressConfig(include_embeddings=True)`` (CLI
+        ``--embeddings``). Found from the model's structure, not from names."""
+        return {}
+
+    def extra_targets(self, model: nn.Module) -> dict[str, Layout]:
+        """Bare tensors to compress, as ``{"owner.attr": layout}`` (parameters or buffers of ``model``)."""
+        return {}
+
+    def clean_block_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """A block call captured during calibration, made safe to replay many times (e.g. drop a
+        cache that each call would append to). Default: unchanged."""
+        return args, kwargs
+
     def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The scalar loss the model is trained on, for one batch (next-token cross-entropy for LMs)."""
+        """The scalar loss the family trains on, for one batch (for the task-loss M-step)."""
+        raise CompressKitError(f"the {self.name!r} adapter has no task loss; use the layer or block objective")
 
-    @abstractmethod
-    def evaluate(
-        self, loaded: LoadedModel, source: str | None = None, n_tokens: int = 8192, window: int = 512
-    ) -> dict[str, float]:
-        """Quality on a fixed evaluation slice of ``source``, e.g. ``{"perplexity": ..., "n_tokens": ...,
-        "seconds": ...}``; same model and arguments, same numbers."""
+    def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """Zero-data calibration (VQ4DiT): model-call kwargs built from noise, no real data."""
+        raise CompressKitError(f"the {self.name!r} adapter has no zero-data calibration inputs")
 
-    # ---- optional: persistence and zero-data calibration ------------------------------------
+    def distill_targets(self, model: nn.Module, batch: Batch) -> Any:
+        """What the uncompressed ``model`` predicts on ``batch``, compact enough to keep for every
+        M-step batch (for the distillation M-step)."""
+        raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use the task or block objective")
+
+    def distill_loss(self, model: nn.Module, batch: Batch, targets: Any) -> torch.Tensor:
+        """How far ``model``'s prediction on ``batch`` is from ``targets`` (scalar, 0 when equal)."""
+        raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use the task or block objective")
+
+    def supports(self, feature: str) -> bool:
+        """Does this adapter implement the optional method ``feature`` (e.g. ``"distill_loss"``)?"""
+        return getattr(type(self), feature) is not getattr(Adapter, feature)
+
+    # ---- optional: persistence ----------------------------------------------------------------
     def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
         """Write what :meth:`load_architecture` needs to rebuild an empty model (config, tokenizer)."""
         raise CompressKitError(f"the {self.name!r} adapter cannot save its architecture; use compresskit.load(dir, model=...)")
@@ -109,46 +189,39 @@ class Adapter(ABC):
         """Write an ordinary dequantized checkpoint that the family's own library loads."""
         raise CompressKitError(f"the {self.name!r} adapter has no dense export")
 
-    def noise_batches(self, loaded: LoadedModel, n_samples: int, seq_len: int, seed: int = 0) -> list[Batch]:
-        """Zero-data calibration (VQ4DiT): model-call kwargs built from Gaussian noise, no real data."""
-        raise CompressKitError(f"the {self.name!r} adapter has no zero-data calibration inputs")
-
-    def distill_targets(self, model: nn.Module, batch: Batch) -> Any:
-        """What the uncompressed ``model`` predicts on ``batch``, compact enough to keep for every
-        M-step batch (for the distillation M-step, ``--m-objective distill``)."""
-        raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use --m-objective task or block")
-
-    def distill_loss(self, model: nn.Module, batch: Batch, targets: Any) -> torch.Tensor:
-        """How far ``model``'s prediction on ``batch`` is from ``targets`` (scalar, 0 when equal)."""
-        raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use --m-objective task or block")
-
     # ---- derived from the data above (not meant to be overridden) ---------------------------
-    def dense_reason(self, module_name: str) -> str | None:
-        """Why ``module_name`` is kept dense, or ``None`` when it may be compressed."""
+    def dense_reason(self, name: str) -> str | None:
+        """Why target ``name`` is kept dense, or ``None`` when it may be compressed."""
         for pattern, reason in self.keep_dense:
-            if fnmatchcase(module_name, pattern):
+            if fnmatchcase(name, pattern):
                 return reason
         return None
 
-    def compress_targets(self, model: nn.Module) -> list[str]:
-        """Names of the modules to compress: every ``target_types`` module not kept dense, in
-        ``named_modules`` order. A weight shared with a dense module (a tied ``lm_head``) is skipped too."""
-        dense_params = {
-            id(p)
-            for name, module in model.named_modules()
-            if self.dense_reason(name) is not None
-            for p in module.parameters(recurse=False)
-        }
-        return [
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, self.target_types)
-            and self.dense_reason(name) is None
-            and id(module.weight) not in dense_params
-        ]
+    def calib_spec(self, source: str | None = None, n_samples: int = 16, seed: int = 0, options: Mapping[str, Any] | None = None) -> DataSpec:
+        """A :class:`DataSpec` with this family's options validated and their defaults filled in."""
+        return DataSpec(source, n_samples, seed, _options(self.name, "calibration", self.calib_options, options or {}))
+
+    def eval_spec(self, source: str | None = None, seed: int = 0, options: Mapping[str, Any] | None = None) -> EvalSpec:
+        """An :class:`EvalSpec` with this family's options validated and their defaults filled in."""
+        return EvalSpec(source, seed, _options(self.name, "evaluation", self.eval_options, options or {}))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _options(adapter: str, what: str, declared: dict[str, Option], given: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        valid = ", ".join(declared) or "none"
+        raise CompressKitError(f"the {adapter!r} adapter has no {what} option {', '.join(map(repr, unknown))}; valid: {valid}")
+    out = {}
+    for key, option in declared.items():
+        value = given.get(key, option.default)
+        kind = type(option.default)
+        if option.default is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise CompressKitError(f"{what} option {key!r} must be a {kind.__name__} ({option.help}), got {value!r}")
+        out[key] = value
+    return out
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -156,3 +229,12 @@ ADAPTERS = Registry("model family", ENTRY_POINT_GROUP, "compresskit.adapters")
 register_adapter = ADAPTERS.register  # class decorator: make an Adapter subclass available by name
 available_adapters = ADAPTERS.available
 get_adapter = ADAPTERS.get
+
+
+def adapter_for(spec: str | None) -> type[Adapter]:
+    """The adapter class that recognises model ``spec``; one error naming the choices when none does."""
+    found = [cls for cls in available_adapters().values() if cls.recognises(spec)]
+    if not found:
+        names = ", ".join(available_adapters())
+        raise CompressKitError(f"no adapter recognises the model {spec!r}; pass --adapter NAME (available: {names})")
+    return found[0]
