@@ -1,103 +1,194 @@
-"""The one front door: ``compress(model, config)`` replaces layers by compressed ones, in place.
+"""The one front door: ``compress(model, config, adapter=..., calibration=...)``, in place.
 
-1. find the compressible layers from the model's graph (``compresskit.rewrite``), in execution order;
-2. select them (include / exclude / kept dense / per-layer overrides);
-3. fit each layer's quantizer on its weight and swap in the compressed module;
-4. report sizes (all-in) and weight errors per layer.
+1. apply the adapter's method defaults (the user's parameters win) and kept-dense targets;
+2. find the targets from the model's graph (``compresskit.rewrite``), in execution order, and select
+   them (include / exclude / kept dense / per-layer overrides);
+3. plan each target's quantizer; one too small for it gets a smaller codebook or stays dense, and
+   the report says which and why (an explicit per-layer override that cannot work is an error);
+4. fit the quantizers — from the weights alone, or with the calibrator built from the typed
+   :class:`CalibrationConfig` on the adapter's data (or ``calibration_data``) — and put each
+   compressed tensor in place (``compresskit.nn``);
+5. report sizes (all-in) and weight errors per target.
 
-Calibration (GPTQ, the EM calibrator) plugs in through ``calibrator``: an object whose
-``run(model, layers, make_quantizer, report_layer, compress_plain, progress)`` does step 3 with
-activations.
+The CLI parses strings into exactly these arguments and calls this function.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from compresskit.adapters.base import Adapter, LoadedModel
+from compresskit.calib.config import CalibrationConfig
 from compresskit.config import CompressConfig
 from compresskit.errors import CompressKitError
-from compresskit.nn import qmodule_for
+from compresskit.nn import quantize_tensor, share_tensor
 from compresskit.report import CompressionReport, LayerReport, dense_size, round_dense
-from compresskit.rewrite import find_layers, replace_module, select_layers
+from compresskit.rewrite import find_targets, select_targets
+from compresskit.targets import Target
 
-# (description, index, total): the layer being compressed (with the latest block's output error when
+# (description, index, total): the target being compressed (with the latest block's output error when
 # the calibrator measures it), then each EM round's M-step with its loss
 Progress = Callable[[str, int, int], None]
 
 
 def compress(
-    model: nn.Module,
+    model: nn.Module | LoadedModel,
     config: CompressConfig | None = None,
     *,
-    example_args: tuple = (),
-    example_kwargs: dict[str, Any] | None = None,
-    keep_dense: Sequence[str] = (),
-    calibrator=None,
+    adapter: Adapter | None = None,
+    calibration: "CalibrationConfig | Calibrator | None" = None,
+    calibration_data: Sequence[dict[str, Any]] | None = None,
+    example_inputs: tuple[tuple, dict[str, Any]] | None = None,
     progress: Progress | None = None,
 ) -> CompressionReport:
-    """Compress ``model`` in place according to ``config``; returns the report.
+    """Compress ``model`` (a module, or the :class:`LoadedModel` an adapter returned) in place.
 
-    ``example_args``/``example_kwargs`` are a small model input used to read the graph
-    (``torch.export``); without them layers are found by walking the module tree.
-    ``keep_dense`` are fnmatch patterns of layers to leave dense (an adapter's defaults).
-    ``calibrator`` (e.g. :class:`compresskit.calib.BlockwiseCalibrator`) compresses the selected
-    layers with activation statistics instead of from the weights alone.
+    ``adapter``: the family's kept-dense targets, method defaults, layouts, blocks and data.
+    ``calibration``: how to calibrate (``None``: from the weights alone); its data comes from the
+    adapter (then ``model`` must be the ``LoadedModel``) unless ``calibration_data`` is given: a list
+    of keyword-argument dicts for ``model(**batch)``, used as they are (one model call each). A
+    :class:`~compresskit.calib.Calibrator` built by hand may be passed instead of a config, to keep
+    its measurements (``block_errors``) at hand.
+    ``example_inputs``: ``(args, kwargs)`` of one forward call, to read the graph with
+    ``torch.export`` (default: the adapter's); without any, targets come from the module tree.
     """
-    config = (config or CompressConfig()).validated()
-    graph = find_layers(
-        model, example_args, example_kwargs, include_embeddings=config.include_embeddings, use_graph=bool(example_args or example_kwargs)
+    loaded = model if isinstance(model, LoadedModel) else None
+    module = loaded.model if loaded is not None else model
+    if not isinstance(module, nn.Module):
+        raise CompressKitError(f"compress expects a torch.nn.Module or a LoadedModel, got {type(module).__name__}")
+    config = _with_adapter_defaults(config or CompressConfig(), adapter).validated()
+    if example_inputs is None and adapter is not None and loaded is not None:
+        example_inputs = adapter.example_inputs(loaded)
+    args, kwargs = example_inputs or ((), {})
+    graph = find_targets(
+        module, args, kwargs, include_embeddings=config.include_embeddings, use_graph=bool(args or kwargs),
+        layouts=adapter.layouts() if adapter else None, tensors=adapter.extra_targets(module) if adapter else None,
     )
-    selection = select_layers(
-        graph.layers,
-        include=config.include or ("*",),
-        exclude=config.exclude,
-        keep_dense=tuple(keep_dense) + tuple(config.keep_dense),
-        overrides=config.overrides,
+    selection = select_targets(
+        graph.targets, include=config.include or ("*",), exclude=config.exclude,
+        keep_dense=_kept_dense(module, config, adapter), overrides=config.overrides,
     )
     if not selection.compress:
         raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")
-    def compress_plain(name: str, override: dict[str, Any]) -> LayerReport:
-        return _compress_layer(model, name, model.get_submodule(name), config.layer_quantizer(override))
+    by_name = {t.name: t for t in graph.targets}
+    selected = [by_name[n] for n in selection.compress]
+    dense = dict(selection.dense)
+    notes: dict[str, str] = {}
 
+    def plan(target: Target):
+        """A fresh quantizer for ``target``, adapted to its shape; None keeps it dense."""
+        override = selection.compress[target.name]
+        quantizer = config.layer_quantizer(override)
+        adapted, why = quantizer.adapt_to_shape(target.weight_shape)
+        if adapted is quantizer:
+            return quantizer
+        if override:
+            raise CompressKitError(f"layer {target.name!r}: the override {override} cannot be applied: {why}")
+        if adapted is None:
+            dense[target.name] = why
+        else:
+            notes[target.name] = why
+        return adapted
+
+    def compress_plain(target: Target) -> LayerReport | None:
+        quantizer = plan(target)
+        return None if quantizer is None else _compress_from_weight(module, target, quantizer, by_name)
+
+    from compresskit.calib.calibrator import Calibrator
+
+    calibrator = calibration if isinstance(calibration, Calibrator) else None
+    if isinstance(calibration, CalibrationConfig):
+        from compresskit.calib.build import build_calibrator
+
+        calibrator = build_calibrator(module, loaded, adapter, calibration.validated(), calibration_data)
+    elif calibration is not None and calibrator is None:
+        raise CompressKitError(f"calibration must be a CalibrationConfig (or a Calibrator), got {type(calibration).__name__}")
     if calibrator is not None:
-        layers = calibrator.run(model, selection.compress, config.layer_quantizer, layer_report, compress_plain, progress)
+        _check_settings_apply(config, calibrator.config, selected)
+    tied = [t for t in selected if t.tied_to]
+    untied = [t for t in selected if not t.tied_to]
+    if calibrator is not None:
+        reports = calibrator.run(module, untied, plan, compress_plain, layer_report, progress)
     else:
-        layers = []
-        for i, (name, override) in enumerate(selection.compress.items()):
+        reports = []
+        for i, target in enumerate(untied):
             if progress is not None:
-                progress(name, i, len(selection.compress))
-            layers.append(compress_plain(name, override))
+                progress(target.name, i, len(selected))
+            reports.append(compress_plain(target))
+    done = {t.name for t in untied}
+    for target in tied:  # a tied tensor once, from its first holder, shared with the others
+        if not done.intersection((target.name, *target.tied_to)):
+            done.add(target.name)
+            reports.append(compress_plain(target))
     if progress is not None:
-        progress("", len(selection.compress), len(selection.compress))
+        progress("", len(selected), len(selected))
     dtype = getattr(torch, config.dense_dtype)
-    round_dense(model, dtype)
-    report = CompressionReport(layers, dense_size(model, torch.finfo(dtype).bits), graph.method, graph.fallback_reason)
-    report.kept_dense = dict(selection.dense)
+    round_dense(module, dtype)
+    report = CompressionReport([r for r in reports if r is not None], dense_size(module, torch.finfo(dtype).bits), graph.method, graph.fallback_reason)
+    report.kept_dense = dense
+    report.notes = notes
     report.dense_dtype = config.dense_dtype
+    report.calibration = {} if calibrator is None else {**calibrator.config.to_dict(), "asymmetric_used": calibrator.asymmetric}
     return report
 
 
-def _compress_layer(model: nn.Module, name: str, module: nn.Module, quantizer) -> LayerReport:
-    qcls = qmodule_for(module)
-    if qcls is None:
-        raise CompressKitError(f"layer {name!r} is a {type(module).__name__}, which compresskit cannot compress; exclude it")
+def _with_adapter_defaults(config: CompressConfig, adapter: Adapter | None) -> CompressConfig:
+    if adapter is None or not adapter.method_defaults:
+        return config
+    defaults = {method: dict(params) for method, (params, _) in adapter.method_defaults.items()}
+    for method, params in config.method_defaults.items():
+        defaults[method] = {**defaults.get(method, {}), **params}
+    return replace(config, method_defaults=defaults)
+
+
+def _kept_dense(model: nn.Module, config: CompressConfig, adapter: Adapter | None) -> list[tuple[str, str]]:
+    keep = [(pattern, "kept dense by the user") for pattern in config.keep_dense]
+    if adapter is not None:
+        keep += list(adapter.keep_dense)
+        if not config.include_embeddings:
+            keep += [(name, f"{why}; compress it with include_embeddings=True (CLI --embeddings)") for name, why in adapter.embeddings(model).items()]
+    return keep
+
+
+def _check_settings_apply(config: CompressConfig, calibration: CalibrationConfig, targets: list[Target]) -> None:
+    """Layer-objective settings that no selected quantizer can use would do nothing: refuse them."""
+    defaults = CalibrationConfig()
+    changed = [k for k in ("e_sweeps", "local_rounds", "cg_iters") if getattr(calibration, k) != getattr(defaults, k)]
+    if not changed:
+        return
+    if not any(config.layer_quantizer(o).supports_codebook_update for o in [None, *(o for _, o in config.overrides)]):
+        raise CompressKitError(f"{', '.join(changed)} would do nothing: they tune codebook quantizers, and {config.method!r} is not one")
+
+
+def _compress_from_weight(model: nn.Module, target: Target, quantizer, by_name: dict[str, Target]) -> LayerReport:
+    """Fit ``quantizer`` on the target's weight alone and put it in place (on every holder of a tied tensor)."""
     start = time.perf_counter()
-    W = module.weight.detach()
+    owner = model.get_submodule(target.owner)
+    W = target.layout.to_rows(getattr(owner, target.attr)).detach()
     try:
-        qmodule = qcls.from_module(module, quantizer)
+        quantizer.fit(W)
     except CompressKitError as err:
-        raise CompressKitError(f"layer {name!r}: {err}") from None
-    replace_module(model, name, qmodule)
-    return layer_report(name, qmodule.quantizer, W, time.perf_counter() - start)
+        raise CompressKitError(f"layer {target.name!r}: {err}") from None
+    holders = [by_name[n] for n in target.tied_to if n in by_name]
+    qt = quantize_tensor(owner, target.attr, quantizer, target.layout)
+    for other in holders:
+        if other.layout != target.layout:
+            raise CompressKitError(f"{target.name!r} and {other.name!r} share a tensor in different layouts; keep one of them dense")
+        share_tensor(model.get_submodule(other.owner), other.attr, qt)
+    report = layer_report(target, quantizer, W, time.perf_counter() - start)
+    if holders:
+        report.extra["shared_with"] = [o.name for o in holders]
+    return report
 
 
-def layer_report(name: str, quantizer, W: torch.Tensor, seconds: float) -> LayerReport:
+def layer_report(target: Target, quantizer, W: torch.Tensor, seconds: float) -> LayerReport:
     W_hat = quantizer.inverse_transform().float()
     err = float((W_hat - W.float()).pow(2).sum() / W.float().pow(2).sum().clamp(min=1e-30))
     extra = {k: getattr(quantizer, k) for k in ("error_before_pool_", "error_after_pool_", "share_") if hasattr(quantizer, k)}
     params = {k: v for k, v in quantizer.get_params().items() if not (isinstance(v, float) and math.isnan(v))}
-    return LayerReport(name, quantizer.name, params, tuple(W.shape), quantizer.size_report(), err, seconds, extra)
+    return LayerReport(target.name, quantizer.name, params, tuple(W.shape), quantizer.size_report(), err, seconds, extra)

@@ -18,11 +18,14 @@ class CompressConfig:
     ``method``/``bits``/``params`` build the quantizer of every selected layer; ``overrides`` is an
     ordered list of ``(fnmatch pattern, {"method": ..., "bits": ..., **params})`` applied per layer
     (later patterns win); ``include``/``exclude`` select layers by name; ``keep_dense`` adds to the
-    adapter's layers kept dense; ``include_embeddings`` makes embeddings candidates too.
+    adapter's layers kept dense; ``include_embeddings`` makes embeddings (and an adapter's
+    :meth:`~compresskit.adapters.Adapter.embeddings`, e.g. an LM head) candidates too.
+    ``method_defaults`` are ``{method: {param: value}}`` used where the user set nothing (an
+    adapter's defaults, filled in by :func:`compresskit.compress`).
     """
 
     method: str = "pq"
-    bits: int = 2
+    bits: int = 3
     params: dict[str, Any] = field(default_factory=dict)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -30,15 +33,15 @@ class CompressConfig:
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
     include_embeddings: bool = False
     dense_dtype: str = "float16"  # how everything kept dense is stored (and rounded to in memory)
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validated(self) -> "CompressConfig":
         """Check that every method named exists and its parameters are accepted; returns self."""
         if self.dense_dtype not in DENSE_DTYPES:
             raise CompressKitError(f"dense_dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
-        for method, bits, params in [(self.method, self.bits, self.params)] + [
-            (o.get("method", self.method), o.get("bits", self.bits), _params_of(o)) for _, o in self.overrides
-        ]:
-            self.quantizer_for(method, bits, params)._validate_params()
+        self.layer_quantizer(None)._validate_params()
+        for _, o in self.overrides:
+            self.layer_quantizer(o)._validate_params()
         return self
 
     def quantizer_for(self, method: str, bits: int, params: dict[str, Any]):
@@ -53,7 +56,7 @@ class CompressConfig:
         """A fresh quantizer for one layer (the config's method, or the layer's override)."""
         o = layer_override or {}
         method = o.get("method", self.method)
-        params = {**(self.params if method == self.method else {}), **_params_of(o)}
+        params = {**self.method_defaults.get(method, {}), **(self.params if method == self.method else {}), **_params_of(o)}
         return self.quantizer_for(method, o.get("bits", self.bits), params)
 
 

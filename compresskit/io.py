@@ -5,9 +5,9 @@
     out_dir/
       manifest.json        format version, compresskit version, source model, per-layer method,
                            parameters, bits and errors, totals
-      model.safetensors    every tensor: compressed-layer state as ``<layer>.<state>`` (codes
+      model.safetensors    every tensor: compressed-tensor state as ``<target>.<state>`` (codes
                            bit-packed) and the dense rest of the model in its dense dtype (float16
-                           by default; tied weights once)
+                           by default; tied tensors once)
       architecture/        what the adapter needs to rebuild an empty model (config, tokenizer)
 
 No pickle anywhere: tensors are safetensors, metadata is JSON, and the model is rebuilt from its
@@ -30,12 +30,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresskit.errors import CompressKitError
-from compresskit.nn import QuantizedModule, qmodule_for
+from compresskit.nn import owners_of, quantize_tensor, quantized_prefixes, quantized_tensors, share_tensor
 from compresskit.registry import get_quantizer
 from compresskit.report import CompressionReport, unique_dense_tensors
-from compresskit.rewrite import replace_module
+from compresskit.targets import Layout
 
-FORMAT_VERSION = 1
+# 2: each compressed target records its owner module, attribute and layout (bare tensors, stored-
+# transposed weights) and the other owners of a tied tensor; version 1 directories still load
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 ARCHITECTURE = "architecture"
@@ -86,17 +89,20 @@ def save(
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     by_name = {r.name: r for r in report.layers}
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantizedModule):
-            continue
-        module._sync()
-        for key, tensor in module.quantizer.state_tensors().items():
+    for name, (owner, attr, qt) in quantized_tensors(model).items():
+        quantizer = qt.bind()
+        for key, tensor in quantizer.state_tensors().items():
             tensors[f"{name}.{key}"] = tensor.detach().to("cpu", tensor.dtype if not tensor.is_floating_point() else torch.float16).contiguous()
         layer = by_name.get(name)
+        also = [f"{o}:{a}" for o, a in owners_of(model, qt) if (o, a) != (owner, attr)]
         layers[name] = {
-            "quantizer": module.quantizer.state_meta(),
-            "bits_per_weight": module.quantizer.size_report().bits_per_weight,
-            "size_bits": module.quantizer.size_report().parts_bits,
+            "quantizer": quantizer.state_meta(),
+            "owner": owner,
+            "attr": attr,
+            "layout": qt.layout.to_json(),
+            **({"also": also} if also else {}),
+            "bits_per_weight": quantizer.size_report().bits_per_weight,
+            "size_bits": quantizer.size_report().parts_bits,
             "rel_error": None if layer is None else layer.rel_error,
             **({} if layer is None else {"extra": layer.extra}),
         }
@@ -142,9 +148,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CompressKitError(f"{manifest_path} is unreadable: {err}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CompressKitError(
-            f"{path} has format version {manifest.get('format_version')!r}; this compresskit reads version {FORMAT_VERSION}"
+            f"{path} has format version {manifest.get('format_version')!r}; this compresskit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return manifest
 
@@ -162,14 +169,18 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         meta = layer["quantizer"]
         prefix = f"{name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :].endswith("_")}
-        if name not in modules:
-            raise CompressKitError(f"{path}: layer {name!r} does not exist in the model being loaded; wrong architecture?")
+        owner, attr = layer.get("owner", name), layer.get("attr", "weight")
+        holders = [(owner, attr)] + [tuple(h.rsplit(":", 1)) for h in layer.get("also", [])]
+        for o, a in holders:
+            if o not in modules or not isinstance(getattr(modules[o], a, None), torch.Tensor):
+                raise CompressKitError(f"{path}: target {name!r} ({o}.{a}) does not exist in the model being loaded; wrong architecture?")
         quantizer = get_quantizer(meta["quantizer"]).from_state(state, meta)
-        module = modules[name]
-        qcls = qmodule_for(module)
-        if qcls is None:
-            raise CompressKitError(f"{path}: layer {name!r} is a {type(module).__name__} in this model, not a compressible layer")
-        replace_module(model, name, qcls.from_module(module, quantizer))
+        try:
+            qt = quantize_tensor(modules[owner], attr, quantizer, Layout.from_json(layer.get("layout")))
+        except CompressKitError as err:
+            raise CompressKitError(f"{path}: target {name!r}: {err}; wrong architecture?") from None
+        for o, a in holders[1:]:
+            share_tensor(modules[o], a, qt)
     dense = {k: v for k, v in tensors.items() if not _is_layer_state(k, manifest["layers"])}
     for name, twin in manifest.get("tied", {}).items():
         dense.setdefault(name, dense[twin])
@@ -178,20 +189,24 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         if key in own and own[key].is_floating_point():
             dense[key] = value.to(own[key].dtype)
     missing, unexpected = model.load_state_dict(dense, strict=False)
-    quantized_keys = {k for k in own if _is_quantized_key(k, model)}
-    missing = [k for k in missing if k not in quantized_keys]
+    skip = tuple(quantized_prefixes(model))
+    missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:
         raise CompressKitError(f"{path}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 
 
-def load_compressed(path: str | Path):
-    """Rebuild a saved model with its adapter: returns ``(LoadedModel, adapter)``."""
+def load_compressed(path: str | Path, adapter_name: str | None = None):
+    """Rebuild a saved model with its adapter (the one recorded, or ``adapter_name``): returns
+    ``(LoadedModel, adapter)``."""
     from compresskit.adapters import get_adapter
 
     path = Path(path)
     manifest = read_manifest(path)
-    adapter = get_adapter(manifest["source"].get("adapter", "llama"))()
+    name = adapter_name or manifest["source"].get("adapter")
+    if not name:
+        raise CompressKitError(f"{path} records no adapter to rebuild the model; use compresskit.load(dir, model=your_skeleton)")
+    adapter = get_adapter(name)()
     loaded = adapter.load_architecture(path / ARCHITECTURE)
     load_into(loaded.model, path)
     loaded.source = str(path)
@@ -214,15 +229,6 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 def _is_layer_state(key: str, layers: dict[str, Any]) -> bool:
     prefix, _, attr = key.rpartition(".")
     return prefix in layers and attr.endswith("_")
-
-
-def _is_quantized_key(key: str, model: nn.Module) -> bool:
-    prefix, _, attr = key.rpartition(".")
-    try:
-        module = model.get_submodule(prefix)
-    except AttributeError:
-        return False
-    return isinstance(module, QuantizedModule) and attr != "bias"
 
 
 def _json_default(value: Any) -> Any:

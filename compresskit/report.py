@@ -38,7 +38,9 @@ class CompressionReport:
     graph_note: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before": {...}, "after": {...}}
     kept_dense: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed dense
+    notes: dict[str, str] = field(default_factory=dict)  # layer name -> how its quantizer was adapted to it
     dense_dtype: str = "float16"
+    calibration: dict[str, Any] = field(default_factory=dict)  # the CalibrationConfig used ({}: none)
 
     @property
     def compressed(self) -> SizeReport:
@@ -70,27 +72,27 @@ class CompressionReport:
             "bits_per_weight_compressed_layers": self.compressed.bits_per_weight,
             "metrics": self.metrics,
             "kept_dense": self.kept_dense,
+            "notes": self.notes,
             "dense_dtype": self.dense_dtype,
+            "calibration": self.calibration,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
 
 def unique_dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent tensors of ``model`` that are not compressed-layer state, tied ones listed once.
+    """Persistent tensors of ``model`` that are not compressed-tensor state, tied ones listed once.
 
-    Compressed layers contribute only their biases here; their codes, pool, codebooks and scales
-    are accounted by the quantizer's own size report.
+    Compressed layers contribute only their other tensors (biases) here; their codes, pool,
+    codebooks and scales are accounted by the quantizer's own size report, and the empty
+    placeholder parametrize keeps in a compressed tensor's place is no tensor of the model.
     """
-    from compresskit.nn import QuantizedModule
+    from compresskit.nn import quantized_prefixes
 
-    quantized: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, QuantizedModule):
-            quantized.update(id(t) for t in (module.codes, *module.state_tensors().values()))
+    skip = tuple(quantized_prefixes(model))
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in quantized:
+        if name.startswith(skip):
             continue
         key = (tensor.data_ptr(), tensor.numel()) if tensor.numel() else (id(tensor), 0)
         if key in seen:

@@ -114,14 +114,19 @@ def register_layout(module_type: type[nn.Module], layout: Layout, kind: str = "l
     _REGISTERED[module_type] = (kind, layout)
 
 
-def module_layout(module: nn.Module) -> tuple[str, Layout] | None:
-    """``(kind, layout)`` of a compressible layer, or None. Registered types win over built-ins, so a
-    family can describe its own subclass of a built-in type."""
+def module_layout(module: nn.Module, extra: dict[type[nn.Module], tuple[str, Layout]] | None = None) -> tuple[str, Layout] | None:
+    """``(kind, layout)`` of a compressible layer, or None (also for one compressed already).
+
+    ``extra`` are an adapter's layouts (:meth:`Adapter.layouts`); they and registered types win over
+    the built-ins, so a family can describe its own subclass of a built-in type.
+    """
     from compresskit.nn import is_quantized
 
     if is_quantized(module, "weight") or not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None
     for cls in type(module).__mro__:
+        if extra and cls in extra:
+            return extra[cls]
         if cls in _REGISTERED:
             return _REGISTERED[cls]
     for cls, kind, layout in _BUILTIN:

@@ -9,7 +9,7 @@ import compresskit
 from compresskit import CompressConfig
 from compresskit.errors import CompressKitError
 from compresskit.io import MANIFEST, TENSORS, load_into, read_manifest
-from compresskit.nn import QuantizedConv2d, QuantizedLinear, densify
+from compresskit.nn import densify, is_quantized
 
 
 class Net(nn.Module):
@@ -39,10 +39,11 @@ def inputs():
 
 def test_compress_replaces_selected_layers_and_reports_all_in_size():
     model = make()
-    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_args=inputs())
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_inputs=(inputs(), {}))
     assert report.graph_method == "symbolic_trace"
-    assert isinstance(model.fc1, QuantizedLinear) and isinstance(model.conv, QuantizedConv2d)
-    assert isinstance(model.head, nn.Linear)  # tied to the embedding, which stays dense
+    assert is_quantized(model.fc1, "weight") and is_quantized(model.conv, "weight")
+    assert isinstance(model.fc1, nn.Linear) and isinstance(model.conv, nn.Conv2d)  # still what they were
+    assert not is_quantized(model.head, "weight")  # tied to the embedding, which stays dense
     assert "head" in report.kept_dense
     total = report.total
     n_params = sum(p.numel() for p in make().parameters())  # tied weight counted once
@@ -53,33 +54,33 @@ def test_compress_replaces_selected_layers_and_reports_all_in_size():
 def test_overrides_and_excludes():
     model = make()
     config = CompressConfig(method="pq", bits=2, exclude=("conv",), overrides=(("fc2", {"method": "rtn", "bits": 3}),))
-    report = compresskit.compress(model, config, example_args=inputs())
+    report = compresskit.compress(model, config, example_inputs=(inputs(), {}))
     methods = {layer.name: layer.method for layer in report.layers}
     assert methods == {"fc1": "pq", "fc2": "rtn"}
-    assert isinstance(model.conv, nn.Conv2d)
+    assert not is_quantized(model.conv, "weight")
 
 
 def test_typo_in_pattern_is_an_error():
     with pytest.raises(CompressKitError, match="fc9"):
-        compresskit.compress(make(), CompressConfig(include=("fc9",)), example_args=inputs())
+        compresskit.compress(make(), CompressConfig(include=("fc9",)), example_inputs=(inputs(), {}))
 
 
 def test_unknown_method_is_an_error_before_any_work():
     model = make()
     with pytest.raises(CompressKitError, match="unknown method"):
         compresskit.compress(model, CompressConfig(method="zip"))
-    assert isinstance(model.fc1, nn.Linear)
+    assert not is_quantized(model.fc1, "weight")
 
 
 def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path):
     model = make()
     config = CompressConfig(method="pq", bits=2, overrides=(("conv", {"method": "rtn", "bits": 3}),))
-    report = compresskit.compress(model, config, example_args=inputs())
+    report = compresskit.compress(model, config, example_inputs=(inputs(), {}))
     out = tmp_path / "m"
     compresskit.save(model, report, out, source={"model": "net"})
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, TENSORS]
     manifest = read_manifest(out)
-    assert manifest["format_version"] == 1 and manifest["tied"] == {"head.weight": "emb.weight"}
+    assert manifest["format_version"] == 2 and manifest["tied"] == {"head.weight": "emb.weight"}
     assert set(manifest["layers"]) == {"conv", "fc1", "fc2"}
     loaded = compresskit.load(out, model=make(seed=5))
     ids, img = inputs()
@@ -92,7 +93,7 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path):
 
 def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
     model = make()
-    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_args=inputs())
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_inputs=(inputs(), {}))
     out = tmp_path / "m"
     compresskit.save(model, report, out, source={"model": "net"})
     with pytest.raises(CompressKitError, match="already exists"):
@@ -119,7 +120,7 @@ def test_load_rejects_damaged_or_foreign_directories(tmp_path):
 
 def test_load_into_wrong_architecture_is_an_error(tmp_path):
     model = make()
-    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_args=inputs())
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_inputs=(inputs(), {}))
     compresskit.save(model, report, tmp_path / "m", source={})
     with pytest.raises(CompressKitError, match="does not exist in the model"):
         load_into(nn.Sequential(nn.Linear(2, 2)), tmp_path / "m")
@@ -127,7 +128,7 @@ def test_load_into_wrong_architecture_is_an_error(tmp_path):
 
 def test_densify_gives_plain_modules_with_the_same_function():
     model = make()
-    compresskit.compress(model, CompressConfig(method="vq", bits=2, exclude=("conv",)), example_args=inputs())
+    compresskit.compress(model, CompressConfig(method="vq", bits=2, exclude=("conv",)), example_inputs=(inputs(), {}))
     ids, img = inputs()
     with torch.no_grad():
         ref = model(ids, img)
@@ -136,6 +137,15 @@ def test_densify_gives_plain_modules_with_the_same_function():
     torch.testing.assert_close(model(ids, img), ref)
 
 
-def test_a_layer_too_small_for_the_method_names_the_layer():
-    with pytest.raises(CompressKitError, match="layer 'conv'.*k=256"):
-        compresskit.compress(make(), CompressConfig(method="vq", bits=2), example_args=inputs())
+def test_a_layer_too_small_for_the_method_gets_a_smaller_codebook_and_the_report_says_why():
+    model = make()
+    report = compresskit.compress(model, CompressConfig(method="vq", bits=2), example_inputs=(inputs(), {}))
+    assert "conv" in report.notes and "k lowered" in report.notes["conv"]
+    assert "conv" in report.to_dict()["notes"]
+    assert {layer.name for layer in report.layers} >= {"conv", "fc1", "fc2"}
+
+
+def test_an_explicit_override_too_big_for_its_layer_is_an_error():
+    config = CompressConfig(method="rtn", bits=4, overrides=(("conv", {"method": "vq", "bits": 2}),))
+    with pytest.raises(CompressKitError, match="layer 'conv'"):
+        compresskit.compress(make(), config, example_inputs=(inputs(), {}))

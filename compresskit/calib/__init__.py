@@ -1,5 +1,4 @@
-"""Calibration: streaming statistics of layer inputs (one block at a time), GPTQ's Hessians, and the
-EM calibrator's pieces (activation-aware E-step, dead-centroid re-initialisation, soft assignments).
+"""Calibration: capture, walk, objectives, one typed config (see ``docs/calibration.md``).
 
 Only ``hessian`` is imported eagerly (quantizers use it); the rest load on first use, which keeps
 ``compresskit.quantizers`` importable without the module-rewriting machinery.
@@ -9,8 +8,9 @@ from importlib import import_module
 from compresskit.calib.hessian import HessianAccumulator, conv_inputs
 
 _LAZY = {
-    "BlockwiseCalibrator": "stream",
-    "CalibConfig": "stream",
+    "CalibrationConfig": "config",
+    "PRESETS": "config",
+    "Calibrator": "calibrator",
     "SoftAssignment": "soft",
     "e_step": "estep",
     "output_error": "estep",

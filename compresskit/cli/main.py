@@ -18,13 +18,13 @@ from compresskit.errors import CompressKitError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress generative models to 1-4 bits per weight.")
 
 
-def _params(items: list[str] | None) -> dict[str, Any]:
+def _params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
     """``["k=256", "pool=false"]`` -> {"k": 256, "pool": False} (JSON values, else strings)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise CompressKitError(f"--param {item!r} must look like NAME=VALUE, e.g. --param k=256")
+            raise CompressKitError(f"{flag} {item!r} must look like NAME=VALUE, e.g. {flag} k=256")
         try:
             out[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
         except json.JSONDecodeError:
@@ -49,7 +49,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 def estimate(
     shape: str = typer.Option(..., help="Weight shape, e.g. 6912x1152 (out x in; more dims for conv kernels)."),
     method: str = typer.Option("pq", help="Quantizer name (see `compresskit methods`)."),
-    bits: int = typer.Option(2, help="Target bits per weight (the method's nominal bits)."),
+    bits: int = typer.Option(3, help="Target bits per weight (the method's nominal bits)."),
     param: Optional[list[str]] = typer.Option(None, help="Extra quantizer parameter NAME=VALUE (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -68,65 +68,52 @@ def estimate(
 
 @app.command()
 def quantize(
-    model: Optional[str] = typer.Option(None, help="HF id, local directory, .gguf file or alias (default: smollm2-135m)."),
+    model: Optional[str] = typer.Option(None, help="Model: alias, HF id (local cache only), local directory or file (default: the default family's default model)."),
+    adapter: Optional[str] = typer.Option(None, help="Model family adapter (default: the one that recognises --model)."),
     method: str = typer.Option("pq", help="Quantizer name (see `compresskit methods`)."),
     bits: int = typer.Option(3, help="Target bits per weight (the method's nominal bits)."),
+    param: Optional[list[str]] = typer.Option(None, help="Quantizer parameter NAME=VALUE (repeatable)."),
+    include: Optional[list[str]] = typer.Option(None, help="Only targets matching this fnmatch pattern (repeatable)."),
+    exclude: Optional[list[str]] = typer.Option(None, help="Skip targets matching this pattern (repeatable)."),
+    override: Optional[list[str]] = typer.Option(None, help="Per-layer method, e.g. 'model.layers.0.*=rtn:4' (repeatable)."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="Also compress embeddings and output heads (tied tensors once)."),
     out: Optional[str] = typer.Option(None, help="Output directory (default: out/<model>-<method><bits>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-    param: Optional[list[str]] = typer.Option(None, help="Quantizer parameter NAME=VALUE (repeatable)."),
-    include: Optional[list[str]] = typer.Option(None, help="Only layers matching this fnmatch pattern (repeatable)."),
-    exclude: Optional[list[str]] = typer.Option(None, help="Skip layers matching this pattern (repeatable)."),
-    override: Optional[list[str]] = typer.Option(None, help="Per-layer method, e.g. 'model.layers.0.*=rtn:4' (repeatable)."),
-    adapter: str = typer.Option("llama", help="Model family adapter."),
     export: Optional[str] = typer.Option(None, help="'dense': also write a plain dequantized checkpoint under OUT/dense."),
-    eval_tokens: int = typer.Option(8192, help="Tokens of evaluation text (0: skip evaluation)."),
-    eval_data: Optional[str] = typer.Option(None, help="Evaluation text file (default: Python's pydoc topics)."),
-    calib: str = typer.Option("data", help="Calibration: data (default) | none | zero-data (Gaussian-noise inputs)."),
-    calib_data: Optional[str] = typer.Option(None, help="Calibration text file (default: pydoc topics, disjoint from evaluation)."),
-    calib_samples: int = typer.Option(16, help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(512, help="Tokens per calibration sequence."),
-    offload_activations: Optional[str] = typer.Option(None, help="Keep calibration activations in files under this directory instead of memory (large models)."),
-    local_rounds: int = typer.Option(2, help="Layer-wise EM rounds per codebook layer (output-optimal centroids and row scales, then codes)."),
-    em_rounds: int = typer.Option(0, help="Whole-model EM rounds after the block walk (M-step, dead-centroid re-init, E-step)."),
-    m_steps: int = typer.Option(0, help="AdamW steps per M-step (task loss; see --m-objective)."),
-    m_objective: str = typer.Option(
-        "task", help="M-step loss: task (next-token) | distill (KL to the uncompressed model's predictions) | block."
-    ),
-    soft_candidates: int = typer.Option(0, help="VQ4DiT soft assignments over N candidate centroids in the block M-step (0: hard codes)."),
-    lr: float = typer.Option(1e-4, help="M-step learning rate (AdamW, weight decay 0)."),
-    m_samples: int = typer.Option(0, help="Sequences the task-loss M-step trains on, drawn from the calibration text (0: the calibration sequences)."),
-    m_batch: int = typer.Option(8, help="Sequences per task-loss M-step (AdamW step)."),
-    asymmetric: bool = typer.Option(True, "--asymmetric/--symmetric", help="Each layer matches the original model's outputs from the compressed model's inputs (chained blocks, e.g. LLaMA), or only its own uncompressed output."),
-    sequential: bool = typer.Option(True, "--sequential/--one-stage", help="Compress a block's layers stage by stage (q/k/v, o, gate/up, down), each calibrated on the earlier stages compressed."),
+    preset: str = typer.Option("fast", help="Calibration: none | fast | best | zero-data (see docs/calibration.md)."),
+    calib_set: Optional[list[str]] = typer.Option(None, help="Calibration setting NAME=VALUE on top of the preset, e.g. em_rounds=1 (repeatable)."),
+    calib_data: Optional[str] = typer.Option(None, help="Calibration data source (default: the family's own, disjoint from evaluation)."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the preset's, 16)."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate before and after compressing."),
+    eval_data: Optional[str] = typer.Option(None, help="Evaluation data source (default: the family's own)."),
+    option: Optional[list[str]] = typer.Option(None, help="Family data option NAME=VALUE for calibration or evaluation, e.g. seq_len=512 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Compress a model, evaluate it before and after, save it, and print the report."""
     from compresskit.cli.run import QuantizeRequest, run_quantize
 
     request = QuantizeRequest(
-        model=model, method=method, bits=bits, out=out, overwrite=overwrite, params=_params(param),
-        include=tuple(include or ()), exclude=tuple(exclude or ()), overrides=tuple(override or ()), adapter=adapter,
-        export=export, eval_tokens=eval_tokens, eval_data=eval_data, calib=calib, calib_data=calib_data,
-        calib_samples=calib_samples, calib_seq_len=calib_seq_len, local_rounds=local_rounds, offload_dir=offload_activations, em_rounds=em_rounds, m_steps=m_steps,
-        m_objective=m_objective, soft_candidates=soft_candidates, lr=lr, m_samples=m_samples, m_batch=m_batch,
-        asymmetric=asymmetric, sequential=sequential,
+        model=model, adapter=adapter, method=method, bits=bits, params=_params(param), include=tuple(include or ()),
+        exclude=tuple(exclude or ()), overrides=tuple(override or ()), embeddings=embeddings, out=out, overwrite=overwrite,
+        export=export, preset=preset, calib_set=_params(calib_set, "--calib-set"), calib_data=calib_data,
+        calib_samples=calib_samples, evaluate=evaluate, eval_data=eval_data, options=_params(option, "--option"),
     )
     result = run_quantize(request, quiet=as_json)
     output.print_json(result) if as_json else output.quantize_summary(result)
 
 
 @app.command("eval")
-def evaluate(
+def evaluate_command(
     model: str = typer.Argument(..., help="A compressed-model directory, or a model spec as for quantize."),
-    adapter: str = typer.Option("llama", help="Model family adapter (for an uncompressed model)."),
-    tokens: int = typer.Option(8192, help="Tokens of evaluation text."),
-    eval_data: Optional[str] = typer.Option(None, help="Evaluation text file (default: Python's pydoc topics)."),
+    adapter: Optional[str] = typer.Option(None, help="Model family adapter (default: the one that recognises MODEL)."),
+    eval_data: Optional[str] = typer.Option(None, help="Evaluation data source (default: the family's own)."),
+    option: Optional[list[str]] = typer.Option(None, help="Family evaluation option NAME=VALUE (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Evaluate a model (perplexity for language models)."""
+    """Evaluate a model with its family's metrics (perplexity for language models)."""
     from compresskit.cli.run import run_eval
 
-    result = run_eval(model, adapter, tokens, eval_data, quiet=as_json)
+    result = run_eval(model, adapter, eval_data, _params(option, "--option"), quiet=as_json)
     output.print_json(result) if as_json else output.metrics_table(result)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,34 +15,27 @@ from compresskit.errors import CompressKitError
 
 @dataclass(frozen=True)
 class QuantizeRequest:
-    model: str | None
-    method: str
-    bits: int
-    out: str | None
-    overwrite: bool
-    params: dict[str, Any]
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    overrides: tuple[str, ...]
-    adapter: str
-    export: str | None
-    eval_tokens: int
-    eval_data: str | None
-    calib: str = "data"
+    """The quantize command's arguments, as parsed strings and numbers."""
+
+    model: str | None = None
+    adapter: str | None = None
+    method: str = "pq"
+    bits: int = 3
+    params: dict[str, Any] = field(default_factory=dict)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    embeddings: bool = False
+    out: str | None = None
+    overwrite: bool = False
+    export: str | None = None
+    preset: str = "fast"
+    calib_set: dict[str, Any] = field(default_factory=dict)
     calib_data: str | None = None
-    calib_samples: int = 16
-    calib_seq_len: int = 512
-    local_rounds: int = 2
-    offload_dir: str | None = None
-    em_rounds: int = 0
-    m_steps: int = 0
-    m_objective: str = "task"
-    soft_candidates: int = 0
-    lr: float = 1e-4
-    m_samples: int = 0  # 0: the M-step trains on the calibration sequences
-    m_batch: int = 8
-    asymmetric: bool = True
-    sequential: bool = True
+    calib_samples: int | None = None
+    evaluate: bool = True
+    eval_data: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @contextmanager
@@ -72,62 +65,90 @@ def _layer_progress(quiet: bool):
     return progress, update
 
 
-def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
-    from compresskit import io
-    from compresskit.adapters import get_adapter
-    from compresskit.compress import compress
+def pick_adapter(spec: str | None, name: str | None):
+    """The adapter named ``name``, or the one that recognises the model ``spec``."""
+    from compresskit.adapters import adapter_for, get_adapter
+
+    return (get_adapter(name) if name else adapter_for(spec))()
+
+
+def build_configs(req: QuantizeRequest, adapter):
+    """``(CompressConfig, CalibrationConfig or None, EvalSpec or None)`` for a request: the only place
+    the CLI turns strings into the library's typed objects."""
+    from compresskit.calib.config import CalibrationConfig
     from compresskit.config import CompressConfig
     from compresskit.rewrite import parse_override
 
-    start = time.perf_counter()
-    adapter = get_adapter(req.adapter)()
-    overrides = tuple(parse_override(o) for o in req.overrides)
-    params = {**adapter.method_defaults.get(req.method, ({}, ""))[0], **req.params}  # the user's word wins
     config = CompressConfig(
-        method=req.method, bits=req.bits, params=params, include=req.include, exclude=req.exclude, overrides=overrides
+        method=req.method, bits=req.bits, params=req.params, include=req.include, exclude=req.exclude,
+        overrides=tuple(parse_override(o) for o in req.overrides), include_embeddings=req.embeddings,
     ).validated()
-    out = Path(req.out or f"out/{_slug(req.model or 'smollm2-135m')}-{req.method}{req.bits}")
-    if out.exists() and not req.overwrite:
-        raise CompressKitError(f"{out} already exists; choose another --out or pass --overwrite")
+    calib_options = {k: v for k, v in req.options.items() if k in adapter.calib_options}
+    eval_options = {k: v for k, v in req.options.items() if k in adapter.eval_options}
+    unknown = sorted(set(req.options) - set(calib_options) - set(eval_options))
+    if unknown:
+        valid = ", ".join([*adapter.calib_options, *adapter.eval_options]) or "none"
+        raise CompressKitError(f"the {adapter.name!r} adapter has no option {', '.join(map(repr, unknown))}; valid: {valid}")
+    calibration = None
+    if req.preset == "none":
+        given = [f for f, v in (("--calib-set", req.calib_set), ("--calib-data", req.calib_data), ("--calib-samples", req.calib_samples)) if v]
+        given += [f"--option {k}" for k in calib_options]
+        if given:
+            raise CompressKitError(f"{', '.join(given)} would do nothing with --preset none (no calibration)")
+    else:
+        settings = dict(req.calib_set)
+        if req.calib_data is not None:
+            settings["source"] = req.calib_data
+        if req.calib_samples is not None:
+            settings["n_samples"] = req.calib_samples
+        if calib_options:
+            settings["options"] = calib_options
+        calibration = CalibrationConfig.preset(req.preset).with_settings(settings)
+        adapter.calib_spec(calibration.source, calibration.n_samples, calibration.seed, calibration.options)  # validate now
+    eval_spec = None
+    if req.evaluate:
+        eval_spec = adapter.eval_spec(req.eval_data, options=eval_options)
+    elif req.eval_data is not None or eval_options:
+        raise CompressKitError("--eval-data and evaluation options would do nothing with --no-eval")
+    if req.calib_data is not None and req.eval_data is not None and Path(req.calib_data).resolve() == Path(req.eval_data).resolve():
+        raise CompressKitError("--calib-data and --eval-data are the same; evaluation must not see calibration data")
     if req.export not in (None, "dense"):
         raise CompressKitError(f"--export {req.export!r} is not supported; the only export is 'dense'")
-    if req.calib not in ("none", "data", "zero-data"):
-        raise CompressKitError(f"--calib {req.calib!r} is not one of none, data, zero-data")
-    if req.calib_data is not None and req.calib != "data":
-        raise CompressKitError("--calib-data needs --calib data")
-    if req.calib_samples < 1 or req.calib_seq_len < 2:
-        raise CompressKitError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-    if req.m_samples < 0 or req.m_batch < 1:
-        raise CompressKitError("--m-samples must be >= 0 and --m-batch >= 1")
-    calib_config = _calib_config(req)
+    return config, calibration, eval_spec
+
+
+def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
+    from compresskit import io
+    from compresskit.compress import compress
+
+    start = time.perf_counter()
+    adapter = pick_adapter(req.model, req.adapter)
+    config, calibration, eval_spec = build_configs(req, adapter)
+    if req.out is not None and Path(req.out).exists() and not req.overwrite:
+        raise CompressKitError(f"{req.out} already exists; choose another --out or pass --overwrite")
 
     with _step(f"loading {req.model or 'the default model'}", quiet):
         loaded = adapter.load(req.model)
+    out = Path(req.out or f"out/{_slug(loaded.source)}-{req.method}{req.bits}")
+    if out.exists() and not req.overwrite:
+        raise CompressKitError(f"{out} already exists; choose another --out or pass --overwrite")
     metrics: dict[str, dict[str, float]] = {}
-    if req.eval_tokens:
+    if eval_spec is not None:
         with _step("evaluating the original model", quiet):
-            metrics["before"] = adapter.evaluate(loaded, req.eval_data, n_tokens=req.eval_tokens)
-    args, kwargs = adapter.example_inputs(loaded)
-    calibrator = None
-    if req.calib != "none":
-        with _step(f"preparing {req.calib_samples} calibration sequences ({req.calib})", quiet):
-            calibrator = _calibrator(adapter, loaded, req, calib_config)
+            metrics["before"] = adapter.evaluate(loaded, eval_spec)
     progress, update = _layer_progress(quiet)
     t0 = time.perf_counter()
     if progress is not None:
         progress.start()
     try:
-        report = compress(
-            loaded.model, config, example_args=args, example_kwargs=kwargs,
-            keep_dense=[p for p, _ in adapter.keep_dense], calibrator=calibrator, progress=update,
-        )
+        report = compress(loaded, config, adapter=adapter, calibration=calibration, progress=update)
     finally:
         if progress is not None:
             progress.stop()
     seconds_compress = time.perf_counter() - t0
-    if req.eval_tokens:
+    if eval_spec is not None:
         with _step("evaluating the compressed model", quiet):
-            metrics["after"] = adapter.evaluate(loaded, req.eval_data, n_tokens=req.eval_tokens)
+            metrics["after"] = adapter.evaluate(loaded, eval_spec)
     report.metrics = metrics
     source = {"model": loaded.source, "resolved": loaded.resolved, "revision": loaded.revision, "adapter": adapter.name}
     with _step(f"saving to {out}", quiet):
@@ -138,15 +159,12 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         )
     return {
         "model": loaded.source,
+        "adapter": adapter.name,
         "method": req.method,
         "bits": req.bits,
-        "params": params,
-        "calibration": {"mode": req.calib, "samples": req.calib_samples, "seq_len": req.calib_seq_len,
-                        "local_rounds": req.local_rounds, "em_rounds": req.em_rounds, "m_steps": req.m_steps, "m_objective": calib_config.m_objective,
-                        "m_samples": req.m_samples or req.calib_samples, "m_batch": req.m_batch, "lr": req.lr,
-                        "soft_candidates": req.soft_candidates, "asymmetric": calibrator.asymmetric,
-                        "sequential": calib_config.sequential}
-        if req.calib != "none" else {"mode": "none"},
+        "params": {**config.method_defaults.get(req.method, {}), **{k: v for k, v in adapter.method_defaults.get(req.method, ({}, ""))[0].items()}, **req.params},
+        "primary_metric": adapter.primary_metric,
+        "calibration": {"preset": req.preset, **report.calibration},
         "out": str(out),
         "report": report.to_dict(),
         "seconds_compress": seconds_compress,
@@ -154,72 +172,20 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     }
 
 
-def _calib_config(req: QuantizeRequest):
-    from compresskit.calib.stream import CalibConfig
-
-    objective = "block" if req.calib == "zero-data" else req.m_objective  # no labels in noise: match blocks
-    if req.soft_candidates and objective != "block":
-        raise CompressKitError("--soft-candidates trains in the block M-step: use --m-objective block or --calib zero-data")
-    return CalibConfig(
-        offload_dir=req.offload_dir, local_rounds=req.local_rounds, em_rounds=req.em_rounds, m_steps=req.m_steps,
-        m_objective=objective, soft_candidates=req.soft_candidates, lr=req.lr, asymmetric=req.asymmetric,
-        sequential=req.sequential,
-    ).validated()
-
-
-def _calibrator(adapter, loaded, req: QuantizeRequest, config):
-    from compresskit.adapters.base import Adapter
-    from compresskit.calib.stream import BlockwiseCalibrator
-
-    if req.calib == "zero-data":
-        batches = adapter.noise_batches(loaded, req.calib_samples, req.calib_seq_len, seed=config.seed)
-    else:
-        batches = adapter.calibration_batches(loaded, req.calib_data, req.calib_samples, req.calib_seq_len, seed=config.seed)
-        if req.calib_data is not None and req.eval_data is not None and Path(req.calib_data).resolve() == Path(req.eval_data).resolve():
-            raise CompressKitError("--calib-data and --eval-data are the same file; evaluation must not see calibration text")
-    m_batches = None
-    whole_model = config.m_objective in ("task", "distill")
-    if req.m_samples and req.calib == "data" and whole_model:
-        # its own draw (seed + 1) from the same calibration region: never the evaluation text
-        m_batches = adapter.calibration_batches(loaded, req.calib_data, req.m_samples, req.calib_seq_len, seed=config.seed + 1)
-    elif whole_model:
-        m_batches = batches
-    m_batches = _batched(m_batches, req.m_batch) if m_batches else None
-    distill = None
-    if config.m_objective == "distill":
-        if type(adapter).distill_loss is Adapter.distill_loss:
-            raise CompressKitError(f"the {adapter.name!r} adapter has no distillation loss; use --m-objective task or block")
-        distill = (adapter.distill_targets, adapter.distill_loss)
-    return BlockwiseCalibrator(
-        adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches, distill=distill
-    )
-
-
-def _batched(batches: list, size: int = 8) -> list:
-    """Concatenate single-sequence batches into groups of ``size`` (fewer, larger forward passes)."""
-    import torch
-
-    out = []
-    for i in range(0, len(batches), size):
-        group = batches[i : i + size]
-        out.append({k: torch.cat([b[k] for b in group]) if torch.is_tensor(v) else v for k, v in group[0].items()})
-    return out
-
-
-def run_eval(spec: str, adapter_name: str, tokens: int, eval_data: str | None, quiet: bool = False) -> dict[str, Any]:
-    from compresskit.adapters import get_adapter
+def run_eval(spec: str, adapter_name: str | None, eval_data: str | None, options: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
     from compresskit.io import MANIFEST, load_compressed
 
     if (Path(spec) / MANIFEST).is_file():
         with _step(f"loading compressed model {spec}", quiet):
-            loaded, adapter = load_compressed(spec)
+            loaded, adapter = load_compressed(spec, adapter_name)
     else:
-        adapter = get_adapter(adapter_name)()
+        adapter = pick_adapter(spec, adapter_name)
         with _step(f"loading {spec}", quiet):
             loaded = adapter.load(spec)
+    eval_spec = adapter.eval_spec(eval_data, options=options)
     with _step("evaluating", quiet):
-        metrics = adapter.evaluate(loaded, eval_data, n_tokens=tokens)
-    return {"model": spec, "metrics": metrics}
+        metrics = adapter.evaluate(loaded, eval_spec)
+    return {"model": spec, "adapter": adapter.name, "primary_metric": adapter.primary_metric, "metrics": metrics}
 
 
 def _slug(spec: str) -> str:

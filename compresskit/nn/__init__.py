@@ -1,22 +1,26 @@
-"""Compressed modules that rebuild their weight from a fitted quantizer."""
-from compresskit.nn.modules import (
-    QuantizedConv1d,
-    QuantizedConv2d,
-    QuantizedEmbedding,
-    QuantizedLinear,
-    QuantizedModule,
+"""Compressed tensors: a quantizer's state in place of a module's tensor (``torch.nn.utils.parametrize``)."""
+from compresskit.nn.quantized import (
+    QuantizedTensor,
     densify,
-    qmodule_for,
-    register_qmodule,
+    is_quantized,
+    owners_of,
+    quantize_tensor,
+    quantized_of,
+    quantized_prefixes,
+    quantized_tensors,
+    share_tensor,
+    target_name,
 )
 
 __all__ = [
-    "QuantizedConv1d",
-    "QuantizedConv2d",
-    "QuantizedEmbedding",
-    "QuantizedLinear",
-    "QuantizedModule",
+    "QuantizedTensor",
     "densify",
-    "qmodule_for",
-    "register_qmodule",
+    "is_quantized",
+    "owners_of",
+    "quantize_tensor",
+    "quantized_of",
+    "quantized_prefixes",
+    "quantized_tensors",
+    "share_tensor",
+    "target_name",
 ]

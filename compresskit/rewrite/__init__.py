@@ -1,15 +1,5 @@
-"""Module rewriting driven by the model graph: find layers, select them, swap them."""
-from compresskit.rewrite.graph import LayerGraph, LayerInfo, find_layers, layer_kind
-from compresskit.rewrite.replace import replace_module
-from compresskit.rewrite.select import Selection, parse_override, select_layers
+"""Finding what to compress from the model graph, and choosing it by name."""
+from compresskit.rewrite.graph import TargetGraph, find_targets, layer_kind
+from compresskit.rewrite.select import Selection, parse_override, select_targets
 
-__all__ = [
-    "LayerGraph",
-    "LayerInfo",
-    "Selection",
-    "find_layers",
-    "layer_kind",
-    "parse_override",
-    "replace_module",
-    "select_layers",
-]
+__all__ = ["Selection", "TargetGraph", "find_targets", "layer_kind", "parse_override", "select_targets"]

@@ -1,4 +1,4 @@
-"""Find a model's compressible layers, in the order its forward pass runs them.
+"""Find a model's compression targets (layers, and bare tensors an adapter names), in the order its forward pass runs them.
 
 Three paths, tried in this order (see ``docs/rewriting.md``):
 
@@ -8,7 +8,7 @@ Three paths, tried in this order (see ``docs/rewriting.md``):
    every node carries ``meta["nn_module_stack"]``, the chain of modules that was running, from which
    the innermost compressible module is read back.
 3. The module tree (``named_modules`` order) when no graph can be had: no example inputs, both
-   tracers failed, or ``use_graph=False``. The reason is kept in ``LayerGraph.fallback_reason``.
+   tracers failed, or ``use_graph=False``. The reason is kept in ``TargetGraph.fallback_reason``.
 
 Execution order matters to block-by-block calibration; a layer called twice is listed once, at its
 first call, and layers the forward never calls ("dead" layers) are appended with ``in_graph=False``
@@ -24,80 +24,59 @@ import torch
 from torch import nn
 
 from compresskit.errors import CompressKitError
+from compresskit.targets import Layout, Target, module_layout
 
-_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.Linear, "linear"),
-    (nn.Conv1d, "conv1d"),
-    (nn.Conv2d, "conv2d"),
-    (nn.Embedding, "embedding"),
-)
+Layouts = dict[type[nn.Module], tuple[str, Layout]]
 
 
 @dataclass(frozen=True)
-class LayerInfo:
-    """One compressible layer.
+class TargetGraph:
+    """The targets found, in execution order, and how they were found."""
 
-    ``aliases`` are other names of this very module object (it is reachable twice in the tree);
-    ``tied_to`` are *other* modules whose weight is the same tensor (e.g. ``lm_head`` and
-    ``model.embed_tokens`` in a tied LLaMA). ``in_graph`` is False for a layer the traced forward
-    never called and for every layer found by the module-tree fallback.
-    """
-
-    name: str
-    kind: str  # "linear" | "conv1d" | "conv2d" | "embedding"
-    weight_shape: tuple[int, ...]
-    order: int
-    tied_to: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    in_graph: bool = True
-
-
-@dataclass(frozen=True)
-class LayerGraph:
-    """The layers found, in execution order, and how they were found."""
-
-    layers: tuple[LayerInfo, ...]
+    targets: tuple[Target, ...]
     method: str  # "symbolic_trace" | "export" | "module_tree"
     fallback_reason: str | None = None
 
     @property
     def names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
+        return [t.name for t in self.targets]
 
-    def __iter__(self) -> Iterator[LayerInfo]:
-        return iter(self.layers)
+    def __iter__(self) -> Iterator[Target]:
+        return iter(self.targets)
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self.targets)
 
 
-def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"``, or None when not compressible."""
-    for cls, kind in _KINDS:
-        if isinstance(module, cls):
-            return kind
-    return None
+def layer_kind(module: nn.Module, layouts: Layouts | None = None) -> str | None:
+    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` (or a registered kind), None when not a layer."""
+    found = module_layout(module, layouts)
+    return None if found is None else found[0]
 
 
-def find_layers(
+def find_targets(
     model: nn.Module,
     example_args: tuple | torch.Tensor = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
     include_embeddings: bool = False,
     use_graph: bool = True,
-) -> LayerGraph:
-    """The compressible layers of ``model`` in execution order; the model is not modified.
+    layouts: Layouts | None = None,
+    tensors: dict[str, Layout] | None = None,
+) -> TargetGraph:
+    """The compression targets of ``model`` in execution order; the model is not modified.
 
-    ``example_args`` / ``example_kwargs`` are what ``model(*args, **kwargs)`` accepts; they are only
-    needed by the ``torch.export`` path (a lone tensor is taken as one argument); pass
-    ``use_cache=False`` to transformers models, whose cache object is not exportable.
+    Layers are found by ``isinstance`` (Linear, Conv1d, Conv2d, Embedding and subclasses) and by
+    ``layouts`` (an adapter's own layer types); ``tensors`` adds bare parameters or buffers
+    (``{"owner.attr": layout}``), listed after the layers. ``example_args`` / ``example_kwargs`` are
+    what ``model(*args, **kwargs)`` accepts, needed only by the ``torch.export`` path (a lone tensor
+    is one argument); pass ``use_cache=False`` to transformers models.
     """
     if not isinstance(model, nn.Module):
-        raise CompressKitError(f"find_layers expects a torch.nn.Module, got {type(model).__name__}; pass the model itself")
+        raise CompressKitError(f"find_targets expects a torch.nn.Module, got {type(model).__name__}; pass the model itself")
     if isinstance(example_args, torch.Tensor):  # a lone input, not a tuple of them
         example_args = (example_args,)
-    tree = _Tree(model, include_embeddings)
+    tree = _Tree(model, include_embeddings, layouts or {}, tensors or {})
     if not use_graph:
         return tree.result([], "module_tree", "use_graph=False")
 
@@ -119,52 +98,77 @@ def find_layers(
         return tree.result([], "module_tree", "; ".join(reasons))
     return tree.result(order, "export", reasons[0])
 
-class _Tree:
-    """Names, aliases and weight ties of the compressible modules, read from the module tree."""
 
-    def __init__(self, model: nn.Module, include_embeddings: bool):
+class _Tree:
+    """Names, aliases and tensor ties of the targets, read from the module tree."""
+
+    def __init__(self, model: nn.Module, include_embeddings: bool, layouts: Layouts, tensors: dict[str, Layout]):
         self.include_embeddings = include_embeddings
+        self.layouts = layouts
         self.by_name: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+        self.kinds: dict[int, tuple[str, Layout] | None] = {}
         self.canonical: dict[int, str] = {}  # id(module) -> first name in named_modules order
         self.aliases: dict[str, list[str]] = {}  # canonical name -> the module's other names
         for name, module in self.by_name.items():
             first = self.canonical.setdefault(id(module), name)
-            if first != name and layer_kind(module) is not None:
+            if first != name and self.kind(module) is not None:
                 self.aliases.setdefault(first, []).append(name)
-        self.tree_order = [name for name, module in model.named_modules() if layer_kind(module)]
-        sharing: dict[int, list[str]] = {}  # id(weight) -> canonical names of modules using it
+        self.tree_order = [name for name, module in model.named_modules() if self.kind(module)]
+        self.tensors = self._bare_tensors(model, tensors)
+        sharing: dict[int, list[str]] = {}  # id(tensor) -> canonical names of the targets holding it
         for name in self.tree_order:
             sharing.setdefault(id(self.by_name[name].weight), []).append(name)
+        for name, (owner, attr, _) in self.tensors.items():
+            sharing.setdefault(id(getattr(self.by_name[owner], attr)), []).append(name)
         self.tied = {name: [n for n in group if n != name] for group in sharing.values() for name in group}
+
+    def kind(self, module: nn.Module) -> tuple[str, Layout] | None:
+        key = id(module)
+        if key not in self.kinds:
+            self.kinds[key] = module_layout(module, self.layouts)
+        return self.kinds[key]
+
+    def _bare_tensors(self, model: nn.Module, tensors: dict[str, Layout]) -> dict[str, tuple[str, str, Layout]]:
+        out = {}
+        for name, layout in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.by_name.get(owner)
+            if module is None or not isinstance(getattr(module, attr, None), torch.Tensor):
+                raise CompressKitError(f"tensor target {name!r} is not a parameter or buffer of the model")
+            out[name] = (owner, attr, layout)
+        return out
 
     def compressible(self, module: nn.Module) -> str | None:
         """The canonical name of ``module`` if it is a layer to report, else None."""
-        kind = layer_kind(module)
-        if kind is None or (kind == "embedding" and not self.include_embeddings):
+        found = self.kind(module)
+        if found is None or (found[0] == "embedding" and not self.include_embeddings):
             return None
         return self.canonical[id(module)]
 
     def resolve(self, path: str) -> nn.Module | None:
         return self.by_name.get(path)
 
-    def result(self, graph_order: list[str], method: str, reason: str | None) -> LayerGraph:
+    def result(self, graph_order: list[str], method: str, reason: str | None) -> TargetGraph:
         seen = set(graph_order)
         dead = [n for n in self.tree_order if n not in seen and self.compressible(self.by_name[n])]
-        layers = []
+        targets = []
         for order, name in enumerate(graph_order + dead):
             module = self.by_name[name]
-            layers.append(
-                LayerInfo(
-                    name=name,
-                    kind=layer_kind(module),
-                    weight_shape=tuple(module.weight.shape),
-                    order=order,
-                    tied_to=tuple(self.tied.get(name, ())),
-                    aliases=tuple(self.aliases.get(name, ())),
+            kind, layout = self.kind(module)
+            targets.append(
+                Target(
+                    name=name, owner=name, attr="weight", kind=kind, shape=tuple(module.weight.shape), layout=layout,
+                    order=order, tied_to=tuple(self.tied.get(name, ())), aliases=tuple(self.aliases.get(name, ())),
                     in_graph=name in seen,
                 )
             )
-        return LayerGraph(tuple(layers), method, reason)
+        for name, (owner, attr, layout) in self.tensors.items():
+            tensor = getattr(self.by_name[owner], attr)
+            targets.append(
+                Target(name=name, owner=owner, attr=attr, kind="tensor", shape=tuple(tensor.shape), layout=layout,
+                       order=len(targets), tied_to=tuple(self.tied.get(name, ())), in_graph=False)
+            )
+        return TargetGraph(tuple(targets), method, reason)
 
 
 class _FirstUse:
@@ -216,7 +220,7 @@ def _order_from_export(model: nn.Module, args: tuple, kwargs: dict[str, Any], tr
             continue
         stack = node.meta.get("nn_module_stack") or {}
         modules = [tree.resolve(_normalize_path(path)) for path, _cls in stack.values()]
-        owner = next((m for m in reversed(modules) if m is not None and layer_kind(m)), None)
+        owner = next((m for m in reversed(modules) if m is not None and tree.kind(m)), None)
         if owner is not None:  # innermost layer running this op (it may be an unreported embedding)
             found.add(owner)
             continue

@@ -1,6 +1,6 @@
 """Choose which layers to compress and with what, from ``fnmatch`` patterns on module names.
 
-Rules, applied to every layer of a :class:`~compresskit.rewrite.graph.LayerGraph`:
+Rules, applied to every layer of a :class:`~compresskit.rewrite.graph.TargetGraph`:
 
 * a layer is a candidate if it matches some ``include`` pattern and no ``exclude`` pattern
   (exclude wins) and no ``keep_dense`` pattern (the caller's defaults, e.g. an adapter's
@@ -24,7 +24,8 @@ from fnmatch import fnmatchcase
 from typing import Any, Iterable, Sequence
 
 from compresskit.errors import CompressKitError
-from compresskit.rewrite.graph import LayerGraph, LayerInfo
+from compresskit.rewrite.graph import TargetGraph
+from compresskit.targets import Target
 
 Override = tuple[str, dict[str, Any]]
 
@@ -38,8 +39,8 @@ class Selection:
     dense: dict[str, str]
 
 
-def select_layers(
-    layers: LayerGraph | Iterable[LayerInfo],
+def select_targets(
+    layers: TargetGraph | Iterable[Target],
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     keep_dense: Sequence[str] = (),
@@ -93,15 +94,15 @@ def parse_override(text: str) -> Override:
     return pattern, params
 
 
-def _matches(layer: LayerInfo, pattern: str) -> bool:
+def _matches(layer: Target, pattern: str) -> bool:
     return any(fnmatchcase(name, pattern) for name in (layer.name, *layer.aliases))
 
 
-def _first_match(layer: LayerInfo, patterns: Sequence[str]) -> str | None:
+def _first_match(layer: Target, patterns: Sequence[str]) -> str | None:
     return next((p for p in patterns if _matches(layer, p)), None)
 
 
-def _check_all_match(layers: list[LayerInfo], patterns: list[str]) -> None:
+def _check_all_match(layers: list[Target], patterns: list[str]) -> None:
     if not layers:  # nothing to select; the caller reports a model without compressible layers
         return
     unmatched = [p for p in dict.fromkeys(patterns) if not any(_matches(layer, p) for layer in layers)]

@@ -238,12 +238,12 @@ def test_smollm2_from_gguf():
 def test_calibrator_drops_the_kv_cache_so_repeated_block_runs_agree(loaded):
     """transformers creates a KV cache unless told not to; captured with the block's inputs, it made
     every later run of the block attend to the keys of earlier runs."""
-    from compresskit.calib.stream import BlockwiseCalibrator
+    from compresskit.calib import Calibrator
 
     adapter = LlamaAdapter()
     batches = [{"input_ids": b["input_ids"]} for b in adapter.calibration_batches(loaded, None, n_samples=2, seq_len=16, seed=0)]
     blocks = adapter.blocks(loaded.model)
-    cal = BlockwiseCalibrator(blocks, batches)
+    cal = Calibrator(blocks, batches)
     calls = cal._capture(loaded.model, loaded.model.get_submodule(blocks[0]), slot=0)
     assert all(c.kwargs.get("past_key_values") is None for c in calls)
     block = loaded.model.get_submodule(blocks[0])

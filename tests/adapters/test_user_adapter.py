@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 import compresskit
 from compresskit import CompressConfig
-from compresskit.calib import BlockwiseCalibrator, CalibConfig
+from compresskit.calib import Calibrator, CalibrationConfig
 from compresskit.nn import QuantizedLinear
 
 # ---- the adapter exactly as in docs/adapters.md (not registered: tests must not leak names) ----
@@ -71,11 +71,11 @@ def test_user_adapter_end_to_end(tmp_path):
     loaded = adapter.load(str(path))
     before = adapter.evaluate(loaded)
 
-    calibrator = BlockwiseCalibrator(
+    calibrator = Calibrator(
         adapter.blocks(loaded.model),
         adapter.calibration_batches(loaded, None, n_samples=64, seq_len=1),
         adapter.task_loss,
-        CalibConfig(),
+        CalibrationConfig(),
     )
     args, kwargs = adapter.example_inputs(loaded)
     report = compresskit.compress(
@@ -83,7 +83,7 @@ def test_user_adapter_end_to_end(tmp_path):
         CompressConfig(method="gptq", bits=3),
         example_args=args, example_kwargs=kwargs,
         keep_dense=[pattern for pattern, _ in adapter.keep_dense],
-        calibrator=calibrator,
+        calibration=calibrator,
     )
     after = adapter.evaluate(loaded)
     assert report.graph_method == "symbolic_trace"

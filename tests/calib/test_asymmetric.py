@@ -5,7 +5,7 @@ import torch
 import compresskit
 from compresskit import CompressConfig
 from compresskit.calib.hessian import asymmetric_target
-from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+from compresskit.calib import Calibrator, CalibrationConfig
 from compresskit.errors import CompressKitError
 
 from toy_models import Attentionish, Block, Residual
@@ -56,8 +56,8 @@ def _held_out_error(config, method="gptq", params=None, block=Block, width=24, d
     held_out = torch.randn(256, width, generator=g)
     model = Residual(width, depth, block).eval()
     model.load_state_dict(base.state_dict())
-    cal = BlockwiseCalibrator([f"blocks.{i}" for i in range(depth)], batches, config=config)
-    compresskit.compress(model, CompressConfig(method=method, bits=2, params=params or {}), calibrator=cal)
+    cal = Calibrator([f"blocks.{i}" for i in range(depth)], batches, config=config)
+    compresskit.compress(model, CompressConfig(method=method, bits=2, params=params or {}), calibration=cal)
     with torch.no_grad():
         return float((model(held_out) - base(held_out)).pow(2).mean()), model, cal
 
@@ -66,21 +66,21 @@ def _held_out_error(config, method="gptq", params=None, block=Block, width=24, d
 def test_asymmetric_walk_tracks_the_original_model_better(method, params):
     errors = {}
     for asymmetric in (False, True):
-        errors[asymmetric], _, cal = _held_out_error(CalibConfig(local_rounds=1, asymmetric=asymmetric), method, params)
+        errors[asymmetric], _, cal = _held_out_error(CalibrationConfig(local_rounds=1, asymmetric=asymmetric), method, params)
         assert cal.asymmetric is asymmetric
     assert errors[True] < errors[False]
 
 
 def test_first_block_sees_no_drift_so_its_layer_is_compressed_as_before():
-    _, sym, _ = _held_out_error(CalibConfig(asymmetric=False), n_batches=2)
-    _, asym, _ = _held_out_error(CalibConfig(asymmetric=True), n_batches=2)
+    _, sym, _ = _held_out_error(CalibrationConfig(asymmetric=False), n_batches=2)
+    _, asym, _ = _held_out_error(CalibrationConfig(asymmetric=True), n_batches=2)
     assert torch.equal(sym.blocks[0].fc.codes, asym.blocks[0].fc.codes)
     assert not torch.equal(sym.blocks[3].fc.codes, asym.blocks[3].fc.codes)
 
 
 def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_order():
     block = Attentionish().eval()
-    cal = BlockwiseCalibrator(["b"], [{"x": torch.randn(4, 16)}])
+    cal = Calibrator(["b"], [{"x": torch.randn(4, 16)}])
     calls = [type("C", (), {"args": (torch.randn(8, 16),), "kwargs": {}})()]
     names = [f"b.{n}" for n in ("down", "up", "gate", "o", "v", "k", "q")]  # any order in
     stats = cal._statistics(block, "b", names, calls, None, None)
@@ -93,7 +93,7 @@ def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_or
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_sequential_stages_see_the_compressed_earlier_layers(asymmetric):
     errors = {
-        sequential: _held_out_error(CalibConfig(asymmetric=asymmetric, sequential=sequential), block=Attentionish, width=16, depth=3)[0]
+        sequential: _held_out_error(CalibrationConfig(asymmetric=asymmetric, sequential=sequential), block=Attentionish, width=16, depth=3)[0]
         for sequential in (False, True)
     }
     assert errors[True] < errors[False]
@@ -101,4 +101,4 @@ def test_sequential_stages_see_the_compressed_earlier_layers(asymmetric):
 
 def test_the_asymmetric_ridge_must_be_positive():
     with pytest.raises(CompressKitError, match="asym_damp must be > 0"):
-        CalibConfig(asym_damp=0.0).validated()
+        CalibrationConfig(asym_damp=0.0).validated()

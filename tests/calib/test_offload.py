@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 import compresskit
+from compresskit.nn import quantized_of
 from compresskit import CompressConfig
 from compresskit.calib import offload
 from compresskit.calib.offload import ActivationStore, Ref
-from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+from compresskit.calib import Calibrator, CalibrationConfig
 from compresskit.errors import CompressKitError
 
 from toy_models import Residual
@@ -54,11 +55,11 @@ def test_offloaded_walk_gives_the_same_model_and_leaves_no_files(tmp_path, monke
     for where in (None, tmp_path / "acts"):
         model = Residual().eval()
         model.load_state_dict(base.state_dict())
-        config = CalibConfig(local_rounds=1, m_objective=objective, m_steps=3 if objective == "block" else 0, offload_dir=where and str(where))
-        cal = BlockwiseCalibrator([f"blocks.{i}" for i in range(3)], batches, config=config)
-        assert cal._chained(model)
-        compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False, "k": 16}), calibrator=cal)
-        codes[where is None] = [model.get_submodule(f"blocks.{i}.fc").codes.clone() for i in range(3)]
+        config = CalibrationConfig(local_rounds=1, m_objective=objective, m_steps=3 if objective == "block" else 0, offload_dir=where and str(where))
+        cal = Calibrator([f"blocks.{i}" for i in range(3)], batches, config=config)
+        assert is_chained(model, cal.blocks, batches[0])
+        compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False, "k": 16}), calibration=cal)
+        codes[where is None] = [quantized_of(model.get_submodule(f"blocks.{i}.fc"), "weight").codes.clone() for i in range(3)]
         with torch.no_grad():
             codes[(where is None, "out")] = model(batches[0]["x"])
     assert all(torch.equal(a, b) for a, b in zip(codes[True], codes[False]))

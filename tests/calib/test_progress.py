@@ -6,7 +6,7 @@ import torch
 
 import compresskit
 from compresskit import CompressConfig
-from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+from compresskit.calib import Calibrator, CalibrationConfig
 
 from toy_models import Residual
 
@@ -19,9 +19,9 @@ def _walk(bits, config, task_loss=None, width=24, depth=3):
     model = Residual(width, depth).eval()
     model.load_state_dict(base.state_dict())
     seen = []
-    cal = BlockwiseCalibrator([f"blocks.{i}" for i in range(depth)], batches, task_loss, config)
+    cal = Calibrator([f"blocks.{i}" for i in range(depth)], batches, task_loss, config)
     compresskit.compress(
-        model, CompressConfig(method="pq", bits=bits, params={"pool": False, "k": 16}), calibrator=cal,
+        model, CompressConfig(method="pq", bits=bits, params={"pool": False, "k": 16}), calibration=cal,
         progress=lambda *a: seen.append(a),
     )
     return base, model, batches, cal, seen
@@ -38,7 +38,7 @@ def _block_outputs(model, x):
 
 
 def test_each_block_reports_its_output_error_against_the_original_model():
-    base, model, batches, cal, seen = _walk(2, CalibConfig(asymmetric=True))
+    base, model, batches, cal, seen = _walk(2, CalibrationConfig(asymmetric=True))
     assert cal.asymmetric and sorted(cal.block_errors) == ["blocks.0", "blocks.1", "blocks.2"]
     num = {i: 0.0 for i in range(3)}
     den = {i: 0.0 for i in range(3)}
@@ -55,11 +55,11 @@ def test_each_block_reports_its_output_error_against_the_original_model():
 
 
 def test_block_errors_fall_with_more_bits_and_need_a_reference():
-    _, _, _, two, _ = _walk(2, CalibConfig(asymmetric=True))
-    _, _, _, four, _ = _walk(4, CalibConfig(asymmetric=True))
+    _, _, _, two, _ = _walk(2, CalibrationConfig(asymmetric=True))
+    _, _, _, four, _ = _walk(4, CalibrationConfig(asymmetric=True))
     assert all(four.block_errors[b] < two.block_errors[b] for b in two.block_errors)
     # symmetric walk without a block M-step: no reference output is kept, so nothing is claimed
-    _, _, _, sym, seen = _walk(2, CalibConfig(asymmetric=False))
+    _, _, _, sym, seen = _walk(2, CalibrationConfig(asymmetric=False))
     assert sym.block_errors == {} and not any("output error" in d for d, *_ in seen)
 
 
@@ -67,7 +67,7 @@ def test_each_m_step_reports_its_loss():
     def task_loss(model, batch):
         return model(batch["x"]).pow(2).mean()
 
-    _, _, _, _, seen = _walk(2, CalibConfig(em_rounds=1, m_steps=4, lr=1e-3), task_loss)
+    _, _, _, _, seen = _walk(2, CalibrationConfig(m_objective="task", em_rounds=1, m_steps=4, lr=1e-3), task_loss)
     steps = [(d, i, n) for d, i, n in seen if "M-step loss" in d]
     assert [(i, n) for _, i, n in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert all(re.fullmatch(r"EM round 1/1: M-step loss [0-9.e+-]+", d) for d, _, _ in steps)

@@ -89,7 +89,7 @@ def test_soft_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids()
     (the table of a row-scaled layer lives in units of its row scales, so it steps lr / mean(scale))."""
     import compresskit
     from compresskit import CompressConfig
-    from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
+    from compresskit.calib import Calibrator, CalibrationConfig
 
     from toy_models import Residual
 
@@ -101,10 +101,10 @@ def test_soft_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids()
             with torch.no_grad():
                 model.blocks[0].fc.weight.mul_(weight_scale)
             batches = [{"x": torch.randn(64, 16, generator=torch.Generator().manual_seed(1))}]
-            cfg = CalibConfig(m_steps=steps, m_objective="block", soft_candidates=2, lr=1e-2, logit_lr=0.0, e_sweeps=0)
-            cal = BlockwiseCalibrator(["blocks.0"], batches, config=cfg)
+            cfg = CalibrationConfig(m_steps=steps, m_objective="block", soft_candidates=2, lr=1e-2, logit_lr=0.0, e_sweeps=0)
+            cal = Calibrator(["blocks.0"], batches, config=cfg)
             params = {"pool": False, "k": 8, "row_scale": True}
-            compresskit.compress(model, CompressConfig(method="pq", bits=2, params=params), calibrator=cal)
+            compresskit.compress(model, CompressConfig(method="pq", bits=2, params=params), calibration=cal)
             deq[steps] = model.blocks[0].fc.dequantize().float()
         return float((deq[1] - deq[0]).abs().max())
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from compresskit.errors import CompressKitError
-from compresskit.rewrite import find_layers, replace_module
+from compresskit.rewrite import find_targets
 
 
 class ConvNet(nn.Module):
@@ -66,28 +66,28 @@ class ShapeBranch(nn.Module):
 
 
 def test_symbolic_trace_finds_linear_and_conv_layers():
-    graph = find_layers(ConvNet())
+    graph = find_targets(ConvNet())
     assert graph.method == "symbolic_trace" and graph.fallback_reason is None
     assert graph.names == ["conv1d", "conv2d", "head.0", "head.2"]
     assert [layer.kind for layer in graph] == ["conv1d", "conv2d", "linear", "linear"]
-    assert graph.layers[1].weight_shape == (8, 8, 1, 1)
+    assert graph.targets[1].weight_shape == (8, 8, 1, 1)
     assert all(layer.in_graph for layer in graph)
 
 
 def test_embeddings_only_by_option():
-    graph = find_layers(ConvNet(), include_embeddings=True)
-    assert graph.names[0] == "emb" and graph.layers[0].kind == "embedding"
+    graph = find_targets(ConvNet(), include_embeddings=True)
+    assert graph.names[0] == "emb" and graph.targets[0].kind == "embedding"
 
 
 def test_order_is_execution_order_with_repeated_and_dead_layers():
-    graph = find_layers(Reordered())
+    graph = find_targets(Reordered())
     assert graph.names == ["first", "mid", "last", "dead"]
     assert [layer.order for layer in graph] == [0, 1, 2, 3]
     assert [layer.in_graph for layer in graph] == [True, True, True, False]
 
 
 def test_export_path_orders_layers_when_symbolic_trace_fails():
-    graph = find_layers(ShapeBranch(), torch.ones(2, 4))  # a lone tensor is one argument
+    graph = find_targets(ShapeBranch(), torch.ones(2, 4))  # a lone tensor is one argument
     assert graph.method == "export"
     assert graph.fallback_reason.startswith("symbolic_trace failed")
     assert graph.names == ["b", "a", "unused"]
@@ -95,7 +95,7 @@ def test_export_path_orders_layers_when_symbolic_trace_fails():
 
 
 def test_module_tree_fallback_when_both_tracers_fail():
-    graph = find_layers(DataDependent(), (torch.ones(2, 4),))
+    graph = find_targets(DataDependent(), (torch.ones(2, 4),))
     assert graph.method == "module_tree"
     assert "symbolic_trace failed" in graph.fallback_reason
     assert "torch.export failed" in graph.fallback_reason
@@ -103,9 +103,9 @@ def test_module_tree_fallback_when_both_tracers_fail():
 
 
 def test_module_tree_without_inputs_or_by_choice():
-    no_inputs = find_layers(DataDependent())
+    no_inputs = find_targets(DataDependent())
     assert no_inputs.method == "module_tree" and "no example inputs" in no_inputs.fallback_reason
-    by_choice = find_layers(Reordered(), use_graph=False)
+    by_choice = find_targets(Reordered(), use_graph=False)
     assert by_choice.method == "module_tree" and by_choice.fallback_reason == "use_graph=False"
     assert by_choice.names == ["last", "mid", "first", "dead"]
 
@@ -113,9 +113,9 @@ def test_module_tree_without_inputs_or_by_choice():
 def test_shared_module_reported_once_with_its_alias():
     model = Reordered()
     model.again = model.first  # the same module object under a second name
-    graph = find_layers(model)
+    graph = find_targets(model)
     assert graph.names.count("first") == 1 and "again" not in graph.names
-    assert graph.layers[0].aliases == ("again",)
+    assert graph.targets[0].aliases == ("again",)
 
 
 class WithAttention(nn.Module):
@@ -135,14 +135,14 @@ class WithAttention(nn.Module):
 
 @pytest.mark.parametrize("branch_on_shape, method", [(False, "symbolic_trace"), (True, "export")])
 def test_multihead_attention_out_proj_is_found(branch_on_shape, method):
-    graph = find_layers(WithAttention(branch_on_shape), (torch.ones(3, 1, 8),))
+    graph = find_targets(WithAttention(branch_on_shape), (torch.ones(3, 1, 8),))
     assert graph.method == method
     assert graph.names == ["attn.out_proj", "fc"] and all(layer.in_graph for layer in graph)
 
 
-def test_find_layers_rejects_a_non_module():
+def test_find_targets_rejects_a_non_module():
     with pytest.raises(CompressKitError, match="torch.nn.Module"):
-        find_layers("model")
+        find_targets("model")
 
 
 # --- a real transformers LLaMA through torch.export -------------------------------------------
@@ -162,7 +162,7 @@ def test_export_on_tiny_llama(tiny_llama):
     ids = torch.randint(0, 256, (1, 8))
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     start = time.perf_counter()
-    graph = find_layers(tiny_llama, (ids,), {"use_cache": False})
+    graph = find_targets(tiny_llama, (ids,), {"use_cache": False})
     elapsed_s = time.perf_counter() - start
     assert graph.method == "export", graph.fallback_reason
     per_block = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -170,7 +170,7 @@ def test_export_on_tiny_llama(tiny_llama):
     expected = [f"model.layers.{i}.{p}" for i in range(2) for p in per_block] + ["lm_head"]
     assert graph.names == expected
     assert all(layer.in_graph for layer in graph)
-    lm_head = graph.layers[-1]
+    lm_head = graph.targets[-1]
     assert lm_head.tied_to == ("model.embed_tokens",) and lm_head.weight_shape == (256, 64)
     # the model is left as it was
     assert not tiny_llama.training and tiny_llama.lm_head.weight is tiny_llama.model.embed_tokens.weight
@@ -180,42 +180,9 @@ def test_export_on_tiny_llama(tiny_llama):
 
 def test_export_failure_on_llama_is_recorded(tiny_llama):
     # Without use_cache=False the forward returns a DynamicCache, which export cannot flatten.
-    graph = find_layers(tiny_llama, (torch.randint(0, 256, (1, 8)),), include_embeddings=True)
+    graph = find_targets(tiny_llama, (torch.randint(0, 256, (1, 8)),), include_embeddings=True)
     if graph.method == "export":
         pytest.skip("this transformers version exports its cache object")
     assert graph.method == "module_tree" and "torch.export failed" in graph.fallback_reason
     assert graph.names[0] == "model.embed_tokens"
-    assert graph.layers[0].tied_to == ("lm_head",)
-
-
-# --- replace_module --------------------------------------------------------------------------
-
-def test_replace_nested_and_module_list_names():
-    model = nn.Sequential(nn.ModuleList([nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 3))]))
-    new = nn.Identity()
-    old = replace_module(model, "0.1.0", new)
-    assert isinstance(old, nn.Linear) and model[0][1][0] is new
-    replace_module(model, "0.0", nn.Tanh())
-    assert isinstance(model[0][0], nn.Tanh)
-    assert "0.1.0" in dict(model.named_modules())
-
-
-def test_replace_updates_every_alias_unless_told_otherwise():
-    model = Reordered()
-    model.again = model.first
-    new = nn.Linear(4, 4)
-    replace_module(model, "again", new)
-    assert model.first is new and model.again is new
-    only = nn.Linear(4, 4)
-    replace_module(model, "first", only, all_aliases=False)
-    assert model.first is only and model.again is new
-
-
-def test_replace_errors_name_the_problem():
-    model = Reordered()
-    with pytest.raises(CompressKitError, match="no submodule 'nope'"):
-        replace_module(model, "mid.nope", nn.Identity())
-    with pytest.raises(CompressKitError, match="must be a torch.nn.Module"):
-        replace_module(model, "mid", torch.zeros(1))
-    with pytest.raises(CompressKitError, match="model itself"):
-        replace_module(model, "", nn.Identity())
+    assert graph.targets[0].tied_to == ("lm_head",)

@@ -1,10 +1,17 @@
-"""The calibrator's M-steps and whole-model EM round (mixed into :class:`BlockwiseCalibrator`).
+"""The calibration objectives, each in one place.
 
-- block M-step: train one block's codebooks to reproduce the uncompressed block's output (hard
-  codes, or VQ4DiT's soft candidate assignments);
-- whole-model EM round (DPQ): M-step with the task loss (or, ``m_objective="distill"``, the distance
-  to the uncompressed model's predictions recorded before the walk), dead-centroid re-initialisation,
-  E-step; each guarded so that a round never makes a layer (or the calibration loss) worse.
+- **layer output** (:func:`fit_layer`): fit a layer's quantizer with its inputs' ``H = X^T X``: GPTQ's
+  error feedback for a quantizer that ``uses_hessian``; for one that ``supports_codebook_update``,
+  the activation-aware E-step and the layer-wise M-step (output-optimal centroids and row scales);
+- **block output** (:meth:`MSteps._block_m_step`): train one block's codebooks to reproduce the
+  uncompressed block's output (hard codes, or VQ4DiT's soft candidate assignments);
+- **task loss / distillation** (:meth:`MSteps.em_round`, DPQ's EM round): M-step on the family's
+  task loss (or the distance to the uncompressed model's predictions recorded before the walk),
+  dead-centroid re-initialisation, E-step; each guarded so that a round never makes a layer (or the
+  calibration loss) worse.
+
+Calibration dispatches on what a quantizer declares (``uses_hessian``, ``supports_codebook_update``),
+never on its name, so a quantizer registered by another package gets every step it supports.
 """
 from __future__ import annotations
 
@@ -13,16 +20,40 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compresskit.nn import QuantizedModule
-from compresskit.rewrite import replace_module
+from compresskit.calib.capture import run_call
+from compresskit.nn import QuantizedTensor, quantized_tensors
 
-CODEBOOK_METHODS = ("pq", "vq")
+
+def fit_layer(quantizer, W: torch.Tensor, H: torch.Tensor, config) -> None:
+    """Fit ``quantizer`` on ``W [out, ...]`` for the least output error on inputs with ``H [n, n]``
+    (``config``: a :class:`CalibrationConfig`); a quantizer that can use neither is fitted on ``W``."""
+    if quantizer.uses_hessian:
+        quantizer.fit(W, hessian=H)
+        return
+    quantizer.fit(W)
+    if quantizer.supports_codebook_update and config.e_sweeps:
+        from compresskit.calib.codebook import refine_layer
+        from compresskit.calib.estep import e_step
+
+        quantizer.set_codes(e_step(quantizer, W, H, n_sweeps=config.e_sweeps, damp=config.damp))
+        if config.local_rounds:
+            refine_layer(quantizer, W, H, rounds=config.local_rounds, e_sweeps=config.e_sweeps, iters=config.cg_iters, damp=config.damp)
+
+
+def uses_statistics(quantizer, config) -> bool:
+    """Does fitting this quantizer use the layer's input statistics (GPTQ, or a codebook with the E-step)?"""
+    return quantizer.uses_hessian or (quantizer.supports_codebook_update and config.e_sweeps > 0)
+
+
+def codebook_tensors(model: nn.Module) -> dict[str, QuantizedTensor]:
+    """The compressed tensors of ``model`` whose quantizer supports codebook updates, by target name."""
+    return {name: qt for name, (_, _, qt) in quantized_tensors(model).items() if qt.quantizer.supports_codebook_update}
 
 
 class MSteps:
-    """M-step half of :class:`compresskit.calib.stream.BlockwiseCalibrator` (uses its ``config``,
-    ``store``, ``batches``, ``m_batches``, ``task_loss``, ``distill``, ``teacher``, ``m_teacher``,
-    ``hessians``, ``originals`` and ``_run``)."""
+    """The M-step objectives, mixed into :class:`compresskit.calib.calibrator.Calibrator` (uses its
+    ``config``, ``store``, ``batches``, ``m_batches``, ``task_loss``, ``distill``, ``teacher``,
+    ``m_teacher``, ``hessians`` and ``originals``)."""
 
     @staticmethod
     def _trainable(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
@@ -31,14 +62,13 @@ class MSteps:
         of a row-scaled layer live in units of the row scale, so their step is ``lr / mean(scale)``,
         which moves the rebuilt weight about as far as ``lr`` moves an unscaled centroid."""
         params = []
-        for module in model.modules():
-            if isinstance(module, QuantizedModule) and module.quantizer.name in CODEBOOK_METHODS:
-                tensors = module.state_tensors()
-                scale = tensors.get("scale_")
-                unit = _unit(scale) if scale is not None else 1.0
-                for name, p in tensors.items():
-                    if p.is_floating_point():
-                        params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
+        for module in codebook_tensors(model).values():
+            tensors = module.state_tensors()
+            scale = tensors.get("scale_")
+            unit = _unit(scale) if scale is not None else 1.0
+            for name, p in tensors.items():
+                if p.is_floating_point():
+                    params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
         return params
 
     def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor], progress=None, label: str = "M-step") -> float:
@@ -74,7 +104,7 @@ class MSteps:
     def _block_m_step(self, block: nn.Module, calls: list, teacher: list[torch.Tensor]) -> float:
         def loss_fn(step: int) -> torch.Tensor:
             j = step % len(calls)
-            return (self._run(block, calls[j]) - self.store.resolve(teacher[j])).pow(2).mean()
+            return (run_call(block, calls[j], self.store) - self.store.resolve(teacher[j])).pow(2).mean()
 
         return self._optimise(block, loss_fn)
 
@@ -84,16 +114,15 @@ class MSteps:
         from compresskit.calib.soft import SoftAssignment
 
         block = model.get_submodule(block_name)
-        softs: dict[str, tuple[QuantizedModule, SoftAssignment]] = {}
-        for name in names:
-            qm = model.get_submodule(name)
-            if isinstance(qm, QuantizedModule) and qm.quantizer.name in CODEBOOK_METHODS:
-                qm._sync()
-                W = qm.quantizer.inverse_transform().float()
-                softs[name] = (qm, SoftAssignment(qm.quantizer, W, n_candidates=self.config.soft_candidates))
+        softs: dict[str, tuple[QuantizedTensor, SoftAssignment]] = {}
+        for name, qm in codebook_tensors(block).items():
+            if (f"{block_name}.{name}" if name else block_name) in names:
+                q = qm.bind()
+                softs[name] = (qm, SoftAssignment(q, q.inverse_transform().float(), n_candidates=self.config.soft_candidates))
         if not softs or not self.config.m_steps:
             return float("nan")
-        handles = [qm.register_forward_pre_hook(_soft_weight_hook(soft)) for qm, soft in softs.values()]
+        for qm, soft in softs.values():
+            qm.override = soft.weight
         # lr in weight units, as in _trainable: a row-scaled table lives in units of its row scales
         tables = [{"params": [soft.table], "lr": self.config.lr / _unit(soft.row_scale)} for _, soft in softs.values()]
         logits = [soft.logits for _, soft in softs.values()]
@@ -103,7 +132,7 @@ class MSteps:
             for step in range(self.config.m_steps):
                 j = step % len(calls)
                 ramp = (step + 1) / self.config.m_steps
-                loss = (self._run(block, calls[j]) - self.store.resolve(teacher[j])).pow(2).mean()
+                loss = (run_call(block, calls[j], self.store) - self.store.resolve(teacher[j])).pow(2).mean()
                 loss_value = loss.item()
                 loss = loss + self.config.entropy_weight * ramp * sum(soft.entropy() for _, soft in softs.values())
                 opt.zero_grad(set_to_none=True)
@@ -113,11 +142,10 @@ class MSteps:
                     for _, soft in softs.values():
                         soft.freeze_confident()
         finally:
-            for h in handles:
-                h.remove()
-        for name, (qm, soft) in softs.items():
-            soft.write_back(qm.quantizer)
-            replace_module(model, name, type(qm)(qm.quantizer, qm.bias, qm.cache_weight)._adopt(qm))
+            for qm, _ in softs.values():
+                qm.override = None
+        for qm, soft in softs.values():
+            soft.write_back(qm.bind())  # in place: the module holds the same tensors
         return loss_value
 
     def em_round(self, model: nn.Module, progress=None, label: str = "EM round") -> float:
@@ -143,12 +171,12 @@ class MSteps:
         # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
         after_m = self._calibration_loss(model)
         snapshots = {} if after_m is None else {
-            name: _snapshot(m) for name, m in model.named_modules() if name in self.originals and isinstance(m, QuantizedModule)
+            name: _snapshot(m) for name, m in codebook_tensors(model).items() if name in self.originals
         }
         self._reassign(model)
         if after_m is not None and not self._calibration_loss(model) <= after_m:
             for name, snap in snapshots.items():
-                _restore(model.get_submodule(name), snap)
+                _restore(codebook_tensors(model)[name], snap)
         return loss
 
     def _calibration_loss(self, model: nn.Module) -> float | None:
@@ -183,22 +211,20 @@ class MSteps:
         from compresskit.calib.deadcode import reinit_dead, usage_counts
         from compresskit.calib.estep import e_step, output_error
 
-        for name, module in model.named_modules():
-            if name not in self.originals or not isinstance(module, QuantizedModule):
+        for name, module in codebook_tensors(model).items():
+            if name not in self.originals:
                 continue
-            module._sync()
-            q, W, H = module.quantizer, self.originals[name], self.hessians[name]
+            q, W, H = module.bind(), self.originals[name], self.hessians[name]
             before = output_error(W, q.inverse_transform().float(), H)
             saved = _snapshot(module)
             # the paper's tau_dead counts uses over forward passes: each M-step pass used the current codes once
             usage = usage_counts(q) * max(1, self.config.m_steps)
             reinit_dead(q, W, usage, tau_dead=self.config.tau_dead, seed=self.config.seed)
-            module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
-            module._sync()
+            q.set_codes(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
             if output_error(W, q.inverse_transform().float(), H) > before:
                 # with few passes the usage count flags live centroids as dead; never pay for a re-init
                 _restore(module, saved)
-                module.codes.copy_(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
+                q.set_codes(e_step(q, W, H, n_sweeps=max(1, self.config.e_sweeps), damp=self.config.damp))
 
 
 def _unit(row_scale: torch.Tensor) -> float:
@@ -208,25 +234,16 @@ def _unit(row_scale: torch.Tensor) -> float:
     return unit if unit > 0 else 1.0
 
 
-def _snapshot(module: QuantizedModule) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _snapshot(module: QuantizedTensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Copies of a compressed module's learned tensors and codes, for :func:`_restore`."""
     return {k: t.detach().clone() for k, t in module.state_tensors().items()}, module.codes.clone()
 
 
-def _restore(module: QuantizedModule, snapshot: tuple[dict[str, torch.Tensor], torch.Tensor]) -> None:
+def _restore(module: QuantizedTensor, snapshot: tuple[dict[str, torch.Tensor], torch.Tensor]) -> None:
     """Write a :func:`_snapshot` back in place (the quantizer shares the module's tensors)."""
     tensors, codes = snapshot
     with torch.no_grad():
         for k, t in module.state_tensors().items():
             t.copy_(tensors[k])
         module.codes.copy_(codes)
-    module._sync()
-
-
-def _soft_weight_hook(soft):
-    """While training soft assignments, the compressed module computes with the soft weight."""
-
-    def hook(module, args):
-        module._soft_weight = soft.weight()
-
-    return hook
+    module.bind()

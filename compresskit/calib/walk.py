@@ -1,0 +1,273 @@
+"""The walk: compress targets block by block (or layer by layer) with their input statistics.
+
+Three shapes, chosen from the model (``docs/calibration.md``):
+
+* **chained blocks** (each block's output is the next one's input, as in LLaMA): the inputs of block 0
+  are captured once; after a block is compressed, its *compressed* outputs are the next block's
+  inputs. The original model's activations are carried beside them, so each layer can aim at the
+  uncompressed model's outputs (asymmetric targets). Only one block's inputs are held at a time.
+* **unchained blocks** (a U-Net's skip connections): every block's inputs are captured from the
+  uncompressed model with hooks in one forward pass per batch, then each block is compressed on its
+  own inputs; nothing re-runs a prefix of the model per block.
+* **no blocks**: one pass accumulates ``X^T X`` for every target, then each is fitted.
+
+Inside a block, hooks accumulate ``X^T X`` for every target layer (GPTQ's streaming ``add_batch``;
+activations themselves are never stored), layers are compressed stage by stage (layers reading the
+same input: q/k/v, o, gate/up, down in LLaMA), each with :func:`objectives.fit_layer`. Targets with
+no input activations (embedding tables, bare tensors) are fitted on their weights alone.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compresskit.calib.capture import Call, capture_calls, is_chained, layer_rows, run_call
+from compresskit.calib.hessian import HessianAccumulator, asymmetric_target
+from compresskit.calib.objectives import fit_layer, uses_statistics
+from compresskit.errors import CompressKitError
+from compresskit.nn import quantize_tensor
+from compresskit.targets import Target
+
+
+@dataclass
+class _Stats:
+    """What :meth:`Walks._statistics` measured on one block."""
+
+    hessians: dict[str, torch.Tensor]
+    crosses: dict[str, torch.Tensor]
+    fp_outputs: list | None
+    stages: list[list[str]]
+
+
+class Walks:
+    """The walk half of :class:`compresskit.calib.calibrator.Calibrator` (uses its ``config``,
+    ``store``, ``blocks``, ``batches``, ``clean``, ``hessians``, ``originals``, ``block_errors``,
+    ``block_losses`` and the M-steps)."""
+
+    def _walk(self, model: nn.Module, targets: list[Target], plan, progress) -> list:
+        """Compress every target of ``targets`` that ``plan(target)`` gives a quantizer for; returns reports."""
+        self._plan, self._progress, self._done, self._total, self._last = plan, progress, 0, len(targets), ""
+        reports: list = []
+        with_inputs = [t for t in targets if t.layout.inputs != "none"]
+        plain = [t for t in targets if t.layout.inputs == "none"]
+        if not self.blocks:
+            reports += self._walk_layers(model, with_inputs)
+        else:
+            by_block = {b: [t for t in with_inputs if t.owner == b or t.owner.startswith(b + ".")] for b in self.blocks}
+            inside = {t.name for ts in by_block.values() for t in ts}
+            plain += [t for t in with_inputs if t.name not in inside]  # layers outside every block: weights only
+            if is_chained(model, self.blocks, self.batches[0]):
+                reports += self._walk_chained(model, by_block)
+            else:
+                reports += self._walk_unchained(model, by_block)
+        for target in plain:
+            reports.append(self._plain(model, target))
+        return [r for r in reports if r is not None]
+
+    # ---- the three shapes ---------------------------------------------------------------------
+    def _walk_chained(self, model: nn.Module, by_block: dict[str, list[Target]]) -> list:
+        reports = []
+        self.asymmetric = asym = self.config.asymmetric
+        calls = self._capture(model, [self.blocks[0]], tag="x")[0]
+        fp_calls = calls  # with asym: the uncompressed model's inputs of the current block
+        for i, block_name in enumerate(self.blocks):
+            names = by_block[block_name]
+            block = model.get_submodule(block_name)
+            fp_tag = f"f{(i + 1) % 2}_"
+            fp_outs, teacher = None, None
+            if names:
+                # with sequential, later stages see this block's compressed layers, so the original
+                # model's stream runs on a copy of the block kept aside
+                original = (copy.deepcopy(block) if self.config.sequential else block, fp_calls) if asym else None
+                r, fp_outs, teacher = self._compress_block(model, block, block_name, names, calls, original, fp_tag)
+                reports += r
+            if asym and fp_outs is None:  # nothing compressed here: the block is still the original
+                fp_outs = self._outputs(block, fp_calls, tag=fp_tag)
+            outs = self._outputs(block, calls, tag=f"x{(i + 1) % 2}_")
+            reference = fp_outs if asym else teacher
+            if names and reference is not None:
+                self._record_error(block_name, outs, reference)
+            calls = [c.with_input(out) for c, out in zip(calls, outs)]
+            if asym:
+                fp_calls = [c.with_input(out) for c, out in zip(fp_calls, fp_outs)]
+        return reports
+
+    def _walk_unchained(self, model: nn.Module, by_block: dict[str, list[Target]]) -> list:
+        self.asymmetric = False
+        wanted = [b for b in self.blocks if by_block[b]]
+        all_calls = self._capture(model, wanted, tag="u") if wanted else []
+        reports = []
+        for block_name, calls in zip(wanted, all_calls):
+            block = model.get_submodule(block_name)
+            r, _, teacher = self._compress_block(model, block, block_name, by_block[block_name], calls, None, None)
+            reports += r
+            if teacher is not None:
+                self._record_error(block_name, self._outputs(block, calls, tag="o"), teacher)
+        return reports
+
+    def _walk_layers(self, model: nn.Module, targets: list[Target]) -> list:
+        self.asymmetric = False
+        if not targets:
+            return []
+        calls = [[Call((), dict(b)) for b in self.batches]]
+        stats = self._statistics(model, "", targets, calls[0], None, None, whole_model=True)
+        return [self._compress_target(model, t, stats) for t in targets]
+
+    # ---- one block ----------------------------------------------------------------------------
+    def _compress_block(self, model, block, block_name, targets: list[Target], calls, original, fp_tag):
+        """Compress a block's targets stage by stage; returns (reports, original outputs, teacher)."""
+        reports = []
+        by_name = {t.name: t for t in targets}
+        stats = self._statistics(block, block_name, targets, calls, original, fp_tag)
+        fp_outs = stats.fp_outputs
+        teacher = None
+        if self.config.m_objective == "block":
+            teacher = fp_outs if original is not None else self._outputs(block, calls, tag="teacher")
+        stages = stats.stages if self.config.sequential else [[t.name for t in targets]]
+        for k, stage in enumerate(stages):
+            if k:  # the earlier stages are compressed now: measure this one's inputs again
+                stats = self._statistics(block, block_name, [by_name[n] for n in stage], calls, original, None)
+            for name in stage:
+                reports.append(self._compress_target(model, by_name[name], stats))
+        if teacher is not None:
+            if self.config.soft_candidates:
+                self.block_losses[block_name] = self._soft_block_m_step(model, block_name, list(by_name), calls, teacher)
+            else:
+                self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
+        return reports, fp_outs, teacher
+
+    def _compress_target(self, model: nn.Module, target: Target, stats: _Stats):
+        """Fit ``target``'s quantizer with its statistics (towards its asymmetric target when ``stats``
+        has a cross term for it), put it in place and return its report."""
+        self._tick(target.name)
+        quantizer = self._plan(target)
+        if quantizer is None:
+            return None
+        start = time.perf_counter()
+        owner = model.get_submodule(target.owner)
+        W = target.layout.to_rows(getattr(owner, target.attr)).detach().clone()
+        H = stats.hessians[target.name]
+        goal = W
+        if target.name in stats.crosses and uses_statistics(quantizer, self.config):
+            goal = asymmetric_target(W, H, stats.crosses[target.name], damp=self.config.asym_damp).to(W.dtype)
+        fit_layer(quantizer, goal, H, self.config)
+        quantize_tensor(owner, target.attr, quantizer, target.layout)
+        if self.config.em_rounds > 0 and quantizer.supports_codebook_update:
+            self.hessians[target.name] = H.float()
+            self.originals[target.name] = goal
+        return self._report(target, quantizer, W, time.perf_counter() - start)
+
+    def _plain(self, model: nn.Module, target: Target):
+        self._tick(target.name)
+        return self._compress_plain(target)
+
+    def _tick(self, name: str) -> None:
+        if self._progress is not None:
+            self._progress(name + self._last, self._done, self._total)
+        self._done += 1
+
+    def _record_error(self, block_name: str, outs: list, reference: list) -> None:
+        self.block_errors[block_name] = err = self._relative_error(outs, reference)
+        self._last = f"  ({block_name} output error {err:.3g})"
+
+    # ---- passes -------------------------------------------------------------------------------
+    def _capture(self, model: nn.Module, blocks: list[str], tag: str) -> list[list[Call]]:
+        return capture_calls(model, [model.get_submodule(b) for b in blocks], self.batches, self.store, tag, self.clean)
+
+    def _outputs(self, block: nn.Module, calls: list[Call], tag: str | None = None) -> list:
+        """Run ``block`` on every call; with ``tag``, store each output (key tag + index) and return refs."""
+        refs = []
+        with torch.no_grad():
+            for j, c in enumerate(calls):
+                out = run_call(block, c, self.store)
+                if tag is not None:
+                    refs.append(self.store.put(f"{tag}{j}", out))
+        return refs
+
+    def _relative_error(self, outs: list, reference: list) -> float:
+        """``sum |out - ref|^2 / sum |ref|^2`` over the calibration batches (stored references)."""
+        num = den = 0.0
+        for o, r in zip(outs, reference):
+            o, r = self.store.resolve(o).float(), self.store.resolve(r).float()
+            num += float((o - r).pow(2).sum())
+            den += float(r.pow(2).sum())
+        return num / den if den > 0 else float("nan")
+
+    def _statistics(self, block, block_name: str, targets: list[Target], calls: list[Call], original, fp_tag, whole_model=False) -> _Stats:
+        """Input statistics of ``targets`` (layers of ``block``) on the compressed model's inputs ``calls``:
+        ``H = X_q^T X_q / N`` per layer, and the layers grouped into stages (layers reading the same
+        input tensor, in execution order).
+
+        ``original``: ``(original block, original model's inputs)`` for asymmetric calibration; then
+        also ``G = X_q^T X / N`` per layer (``X``: the layer's inputs in the original model) and, with
+        ``fp_tag``, the original block's outputs stored under that tag. While both streams are the
+        same (the first block, nothing of it compressed yet) ``G == H``: one pass runs and ``crosses``
+        stays empty, so the targets are the weights themselves.
+        """
+        def sub(root, t: Target) -> nn.Module:
+            return root.get_submodule(t.owner if whole_model else t.owner[len(block_name) + 1 :])
+
+        modules = {t.name: (t, sub(block, t)) for t in targets}
+        accs = {n: HessianAccumulator(math.prod(t.weight_shape[1:]), dtype=torch.float32) for n, (t, _) in modules.items()}
+        fp_block, fp_calls = original if original is not None else (block, calls)
+        dual = fp_calls is not calls or fp_block is not block
+        fp_modules = {n: (t, sub(fp_block, t)) for n, (t, _) in modules.items()} if dual else {}
+        cross = {n: torch.zeros_like(a.xtx_) for n, a in accs.items()} if dual else {}
+        stash: dict[str, torch.Tensor] = {}
+        first_inputs: dict[str, torch.Tensor] = {}  # batch 0's input tensor of each layer, in call order
+        running_fp = [False]  # the hooks of both streams may sit on the same modules (fp_block is block)
+
+        def q_hook(name, target):
+            def hook(mod, args):
+                if running_fp[0] and dual:
+                    return
+                first_inputs.setdefault(name, args[0])
+                rows = layer_rows(mod, target.layout, args[0].detach())
+                accs[name].add_batch(rows)
+                if dual:
+                    cross[name] += rows.T.float() @ stash.pop(name).float()
+
+            return hook
+
+        def fp_hook(name, target):
+            def hook(mod, args):
+                if running_fp[0]:
+                    stash[name] = layer_rows(mod, target.layout, args[0].detach())
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(q_hook(n, t)) for n, (t, m) in modules.items()]
+        handles += [m.register_forward_pre_hook(fp_hook(n, t)) for n, (t, m) in fp_modules.items()]
+        fp_outs = [] if original is not None and fp_tag is not None else None
+        try:
+            with torch.no_grad():
+                for j, (c, f) in enumerate(zip(calls, fp_calls)):
+                    if dual or fp_outs is not None:
+                        running_fp[0] = True
+                        out = run_call(fp_block, f, self.store)
+                        running_fp[0] = False
+                        if fp_outs is not None:
+                            fp_outs.append(self.store.put(f"{fp_tag}{j}", out))
+                    if dual or fp_outs is None:
+                        run_call(block, c, self.store)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in modules if n not in first_inputs]
+        if missing:
+            raise CompressKitError(f"calibration: layer {missing[0]} did not run in its block's forward pass")
+        stages: list[list[str]] = []
+        for name, x in first_inputs.items():
+            stage = next((s for s in stages if first_inputs[s[0]] is x), None)
+            stage.append(name) if stage is not None else stages.append([name])
+        return _Stats(
+            hessians={n: a.hessian for n, a in accs.items()},
+            crosses={n: cross[n] / accs[n].n_samples_ for n in modules} if dual else {},
+            fp_outputs=fp_outs,
+            stages=stages,
+        )
