@@ -22,29 +22,28 @@ from __future__ import annotations
 
 import torch
 
-from compresskit.calib.estep import _e_step, centroid_layout, centroid_target, padded_hessians
+from compresskit.calib.estep import _e_step, centroid_target, codebook_layout_of, padded_hessians
 from compresskit.errors import CompressKitError
 
 
-def _system(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float):
-    """(table state tensor, entry [m, n_sub], target W/s padded [m, n_pad], s [m], damped H, true H)."""
-    table, book = centroid_layout(quantizer)  # [B, k, d], [m, n_sub]
-    n_books, k, d = table.shape
+def _system(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float, caller: str):
+    """(layout, entry [m, n_sub], target W/s padded [m, n_pad], s [m], damped H, true H).
+
+    ``entry[i, g]`` is the row of ``layout.table.reshape(-1, d)`` that subvector ``(i, g)`` reads.
+    """
+    layout = codebook_layout_of(quantizer, caller)
+    d = layout.d
     m, n_sub = quantizer.codes_.shape
     if W.shape[0] != m:
-        raise CompressKitError(f"update_codebooks: the weight {tuple(W.shape)} does not match the quantizer's codes {(m, n_sub)}")
+        raise CompressKitError(f"{caller}: the weight {tuple(W.shape)} does not match the quantizer's codes {(m, n_sub)}")
     target, s = centroid_target(quantizer, W)
     n = target.shape[1]
     n_pad = n_sub * d
     if n_pad - n not in range(d) or H.shape != (n, n):
-        raise CompressKitError(f"update_codebooks: weight {tuple(W.shape)} / H {tuple(H.shape)} do not match the codes {(m, n_sub)} (d={d})")
-    slot = book * k + quantizer.codes_.long()  # [m, n_sub]
-    if getattr(quantizer, "pooled_", False):
-        state, entry = quantizer.pool_, quantizer.projection_.long().reshape(-1)[slot]
-    else:
-        state, entry = quantizer.codebooks_, slot
+        raise CompressKitError(f"{caller}: weight {tuple(W.shape)} / H {tuple(H.shape)} do not match the codes {(m, n_sub)} (d={d})")
+    entry = layout.entries(quantizer.codes_)  # [m, n_sub]
     H_damp, H_true = padded_hessians(H, n_pad, damp)
-    return state, entry, torch.nn.functional.pad(target, (0, n_pad - n)), s, H_damp, H_true
+    return layout, entry, torch.nn.functional.pad(target, (0, n_pad - n)), s, H_damp, H_true
 
 
 def _error(target, rebuilt, s, H) -> float:
@@ -54,11 +53,13 @@ def _error(target, rebuilt, s, H) -> float:
 
 @torch.no_grad()
 def update_codebooks(quantizer, W: torch.Tensor, H: torch.Tensor, iters: int = 25, damp: float = 0.01) -> tuple[float, float]:
-    """Move a fitted PQ/VQ's centroids (pool or codebooks, in place) to the least output error
-    ``tr(R H R^T)`` for its current codes; returns the undamped error ``(before, after)``."""
+    """Move a fitted codebook quantizer's centroids (its layout's table: a PQ pool or codebooks, in
+    place through ``set_centroids``) to the least output error ``tr(R H R^T)`` for its current
+    codes; returns the undamped error ``(before, after)``."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise CompressKitError(f"update_codebooks: iters must be an integer >= 0, got {iters!r}")
-    state, entry, target, s, Hd, Ht = _system(quantizer, W, H, damp)
+    layout, entry, target, s, Hd, Ht = _system(quantizer, W, H, damp, "update_codebooks")
+    state = layout.table
     m, n_sub = entry.shape
     d = target.shape[1] // n_sub
     P0 = state.detach().float().reshape(-1, d)  # [E, d]
@@ -101,20 +102,21 @@ def update_codebooks(quantizer, W: torch.Tensor, H: torch.Tensor, iters: int = 2
     after = _error(target, gather(P16), s, Ht)
     if not after < before:
         return before, before
-    state.copy_(P16.reshape(state.shape).to(state.dtype))
+    quantizer.set_centroids(P16.reshape(state.shape))
     return before, after
 
 
 @torch.no_grad()
 def update_row_scales(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> tuple[float, float]:
     """Closed-form output-error-optimal row scales (in place) for fixed codes and centroids; returns
-    the undamped error ``(before, after)``. A quantizer without row scales is left alone."""
-    if getattr(quantizer, "scale_", None) is None:
+    the undamped error ``(before, after)``. A codebook quantizer without row scales is left alone
+    (``(nan, nan)``)."""
+    if codebook_layout_of(quantizer, "update_row_scales").row_scales is None:
         return (float("nan"), float("nan"))
-    state, entry, target, s, Hd, Ht = _system(quantizer, W, H, damp)
+    layout, entry, target, s, Hd, Ht = _system(quantizer, W, H, damp, "update_row_scales")
     m, n_sub = entry.shape
     d = target.shape[1] // n_sub
-    C = state.detach().float().reshape(-1, d)[entry].reshape(m, -1)  # [m, n_pad] centroids per row
+    C = layout.table.detach().float().reshape(-1, d)[entry].reshape(m, -1)  # [m, n_pad] centroids per row
     Wp = target * s[:, None]  # the weight itself, padded
     before = _error(Wp, C * s[:, None], torch.ones(m), Ht)
     CH = C @ Hd
@@ -125,18 +127,19 @@ def update_row_scales(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float =
     after = _error(Wp, C * new16[:, None], torch.ones(m), Ht)
     if not after < before:
         return before, before
-    quantizer.scale_.copy_(new16.to(quantizer.scale_.dtype))
+    quantizer.set_row_scales(new16)
     return before, after
 
 
 def refine_layer(quantizer, W: torch.Tensor, H: torch.Tensor, rounds: int = 2, e_sweeps: int = 1, iters: int = 25, damp: float = 0.01) -> list[float]:
     """``rounds`` of (centroids, row scales, codes) block-coordinate descent on the output error.
 
-    Writes the quantizer's table, scales and ``codes_``; returns the undamped error at the start and
-    after every round (never rising).
+    Writes the quantizer's table, scales and codes through its setters (in place); returns the
+    undamped error at the start and after every round (never rising).
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise CompressKitError(f"refine_layer: rounds must be an integer >= 0, got {rounds!r}")
+    codebook_layout_of(quantizer, "refine_layer")  # one clear error before any work
     errors: list[float] = []
     for _ in range(rounds):
         before, _ = update_codebooks(quantizer, W, H, iters=iters, damp=damp)
@@ -144,6 +147,6 @@ def refine_layer(quantizer, W: torch.Tensor, H: torch.Tensor, rounds: int = 2, e
             errors.append(before)
         update_row_scales(quantizer, W, H, damp=damp)
         codes, errs = _e_step(quantizer, W, H, max(1, e_sweeps), damp)
-        quantizer.codes_.copy_(codes)  # in place: a compressed module's buffer is the same tensor
+        quantizer.set_codes(codes)  # in place: a compressed module's buffer is the same tensor
         errors.append(min(errs))
     return errors

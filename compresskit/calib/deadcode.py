@@ -11,33 +11,32 @@ so the next E-step can move those subvectors onto them.
 sum over many passes, not for one assignment of one layer (a 576 x 576 PQ layer at 2 bits uses each
 of its 256-entry codebooks only 576 * share times per pass).
 
-What "a centroid" is: for a pooled PQ one entry of ``pool_`` (usage ``[P]``; an entry serves every
-codebook slot that the projection maps to it, so its candidates are subvectors of any book); for
-an unpooled PQ or a VQ one codebook entry (usage ``[n_books, k]``; candidates come from that book's
-subspaces, or for VQ that row group's rows). The float16 state is written in place; codes are not
-changed (the subvectors that still point at a re-seeded centroid are moved by the next E-step).
+What "a centroid" is: one row of the quantizer's centroid table (its
+:class:`~compresskit.quantizers.codebook.CodebookLayout`). For a pool ``[P, d]`` (a pooled PQ) usage is
+``[P]``; an entry serves every codebook slot that maps to it, so its candidates are subvectors of any
+book. For a table ``[n_books, k, d]`` (an unpooled PQ, a VQ) usage is ``[n_books, k]`` and candidates
+come from that book's subvectors (PQ: its subspaces; VQ: its row group's rows). The table is written
+in place through ``set_centroids``, in its stored dtype; codes are not changed (the subvectors that
+still point at a re-seeded centroid are moved by the next E-step).
 """
 from __future__ import annotations
 
 import torch
 
-from compresskit.calib.estep import centroid_layout, centroid_target
+from compresskit.calib.estep import centroid_target, codebook_layout_of
 from compresskit.errors import CompressKitError
 
 
 def usage_counts(quantizer) -> torch.Tensor:
     """How many subvectors use each centroid under the current ``codes_``.
 
-    Returns int64 counts: ``[P]`` per pool entry for a pooled PQ (through ``projection_``), else
-    ``[n_books, k]`` per codebook entry (PQ ``codebooks_`` or VQ ``codebooks_ [row_groups, k, d]``).
+    Returns int64 counts shaped as the table without its last axis: ``[P]`` per pool entry for a
+    pool ``[P, d]`` (through the slots), else ``[n_books, k]`` per codebook entry.
     """
-    table, book = centroid_layout(quantizer)  # [B, k, d], [m, n_sub]
-    n_books, k, _ = table.shape
-    slot = (book * k + quantizer.codes_.long()).reshape(-1)  # [m * n_sub]
-    if _pooled(quantizer):
-        entry = quantizer.projection_.long().reshape(-1)[slot]
-        return torch.bincount(entry, minlength=quantizer.pool_.shape[0])
-    return torch.bincount(slot, minlength=n_books * k).reshape(n_books, k)
+    layout = codebook_layout_of(quantizer, "usage_counts")
+    entry = layout.entries(quantizer.codes_).reshape(-1)  # [m * n_sub] table rows
+    shape = layout.table.shape[:-1]
+    return torch.bincount(entry, minlength=shape.numel()).reshape(shape)
 
 
 def reinit_dead(quantizer, W: torch.Tensor, usage: torch.Tensor, tau_dead: float = 256, seed: int = 0, noise: float = 0.01) -> int:
@@ -46,14 +45,13 @@ def reinit_dead(quantizer, W: torch.Tensor, usage: torch.Tensor, tau_dead: float
     ``usage``: accumulated counts shaped as :func:`usage_counts` returns. Dead centroids take the
     distinct candidate subvectors with the largest squared reconstruction error, hardest first (a
     book with more dead entries than candidates reuses them in turn), plus Gaussian noise of
-    ``noise`` times the weight's RMS (seeded by ``seed``). Writes ``pool_`` or ``codebooks_`` in
-    place (float16) and returns the number of centroids re-initialised.
+    ``noise`` times the weight's RMS (seeded by ``seed``). Writes the centroid table in place
+    (``set_centroids``, stored dtype) and returns the number of centroids re-initialised.
     """
-    table, book = centroid_layout(quantizer)  # [B, k, d], [m, n_sub]
-    n_books, k, d = table.shape
-    pooled = _pooled(quantizer)
-    state = quantizer.pool_ if pooled else quantizer.codebooks_  # [P, d] or [B, k, d]
-    expected = tuple(state.shape[:1]) if pooled else (n_books, k)
+    layout = codebook_layout_of(quantizer, "reinit_dead")
+    k, d = layout.k, layout.d
+    table, book = layout.centroids(), layout.book  # [B, k, d] float32, [m, n_sub]
+    expected = tuple(layout.table.shape[:-1])  # [P] or [n_books, k]
     if tuple(usage.shape) != expected:
         raise CompressKitError(f"reinit_dead: usage must have shape {list(expected)} for this quantizer (see usage_counts), got {list(usage.shape)}")
     dead = usage < tau_dead
@@ -81,16 +79,13 @@ def reinit_dead(quantizer, W: torch.Tensor, usage: torch.Tensor, tau_dead: float
         picks = order[torch.arange(count) % order.numel()]
         return s[picks] + scale * torch.randn(count, d, generator=gen)
 
-    with torch.no_grad():
-        if pooled:
-            idx = dead.nonzero(as_tuple=True)[0]
-            state[idx] = hardest(None, idx.numel()).to(state.dtype)
-        else:
-            for b in dead.any(1).nonzero(as_tuple=True)[0].tolist():
-                idx = dead[b].nonzero(as_tuple=True)[0]
-                state[b, idx] = hardest(book == b, idx.numel()).to(state.dtype)
+    new = layout.table.detach().clone()  # [P, d] or [B, k, d], stored dtype
+    if layout.pooled:  # a pool entry may serve any book: candidates from the whole weight
+        idx = dead.nonzero(as_tuple=True)[0]
+        new[idx] = hardest(None, idx.numel()).to(new.dtype)
+    else:  # book b owns table[b]: candidates from the subvectors that read book b
+        for b in dead.any(1).nonzero(as_tuple=True)[0].tolist():
+            idx = dead[b].nonzero(as_tuple=True)[0]
+            new[b, idx] = hardest(book == b, idx.numel()).to(new.dtype)
+    quantizer.set_centroids(new)
     return n_dead
-
-
-def _pooled(quantizer) -> bool:
-    return bool(getattr(quantizer, "pooled_", False))

@@ -36,30 +36,31 @@ import torch
 
 from compresskit.calib.hessian import damped
 from compresskit.errors import CompressKitError
+from compresskit.quantizers.codebook import CodebookLayout, CodebookQuantizer
+from compresskit.quantizers.rowscale import normalise_rows, row_scale_of
+
+
+def codebook_layout_of(quantizer, caller: str) -> CodebookLayout:
+    """``quantizer.codebook_layout()``, or one clear error when ``quantizer`` has no codebook to
+    change (it is not a :class:`CodebookQuantizer`) or is not fitted. ``caller`` names the step."""
+    if not isinstance(quantizer, CodebookQuantizer):
+        name = getattr(quantizer, "name", "") or type(quantizer).__name__
+        raise CompressKitError(
+            f"{caller}: the {name} quantizer does not support codebook updates (it is not a CodebookQuantizer, as pq and vq are); "
+            "use a codebook method for this layer or leave this step out"
+        )
+    return quantizer.codebook_layout()
 
 
 def centroid_layout(quantizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centroid table a fitted quantizer rebuilds from, and which book each code indexes.
+    """The centroids a fitted codebook quantizer rebuilds from, and which book each code indexes.
 
     Returns ``(table [n_books, k, d] float32, book [m, n_sub] int64)``: code ``codes_[i, g]``
-    stands for ``table[book[i, g], codes_[i, g]]``. PQ: ``effective_codebooks()`` (pool looked up
-    when on), book of subspace g is ``g // share_``. VQ: ``codebooks_`` with one book per row group.
+    stands for ``table[book[i, g], codes_[i, g]]`` (a pool is looked up through the layout's
+    ``slot_rows``; see :class:`~compresskit.quantizers.codebook.CodebookLayout`).
     """
-    if not hasattr(quantizer, "codes_"):
-        raise CompressKitError(f"{type(quantizer).__name__}: this quantizer is not fitted yet; call fit(W) first")
-    m, n_sub = quantizer.codes_.shape
-    if hasattr(quantizer, "effective_codebooks") and hasattr(quantizer, "share_"):
-        table = quantizer.effective_codebooks().float()  # [n_books, k, d]
-        book = (torch.arange(n_sub) // quantizer.share_).expand(m, n_sub)
-    elif hasattr(quantizer, "codebooks_") and hasattr(quantizer, "row_groups"):
-        table = quantizer.codebooks_.float()  # [row_groups, k, d]
-        book = (torch.arange(m) // (m // quantizer.row_groups))[:, None].expand(m, n_sub)
-    else:
-        raise CompressKitError(
-            f"{type(quantizer).__name__}: the E-step needs a codebook quantizer (PQ or VQ) with "
-            "effective_codebooks() and share_, or codebooks_ and row_groups"
-        )
-    return table, book.contiguous()
+    layout = codebook_layout_of(quantizer, "centroid_layout")
+    return layout.centroids(), layout.book
 
 
 def centroid_target(quantizer, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +69,6 @@ def centroid_target(quantizer, W: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     ``s`` are the quantizer's row scales (ones without ``row_scale``): the centroids live in the space
     of ``W / s``, so code search, dead-centroid seeding and soft candidates all work on ``W2 / s``.
     """
-    from compresskit.quantizers.rowscale import normalise_rows, row_scale_of
-
     W2 = W.detach().reshape(W.shape[0], -1).float()
     s = row_scale_of(quantizer, W2.shape[0])
     return normalise_rows(W2, s), s
@@ -103,10 +102,11 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
 def e_step(quantizer, W: torch.Tensor, H: torch.Tensor, n_sweeps: int = 1, damp: float = 0.01) -> torch.Tensor:
     """Codes of ``W`` that minimise the output error ``tr(R H R^T)`` with the quantizer's centroids.
 
-    ``quantizer``: a fitted PQ or VQ (centroids and ``codes_`` are read, nothing is written).
-    ``W``: the weight ``[m, ...]`` it was fitted on; ``H``: ``[n, n]`` with ``n = prod(W.shape[1:])``.
-    Starts from ``quantizer.codes_`` and runs ``n_sweeps`` block-coordinate sweeps over subspaces.
-    Returns codes ``[m, n_sub]`` in the dtype of ``codes_``; assign them with ``quantizer.codes_ = codes``.
+    ``quantizer``: a fitted :class:`CodebookQuantizer` (centroids and ``codes_`` are read, nothing is
+    written). ``W``: the weight ``[m, ...]`` it was fitted on; ``H``: ``[n, n]`` with
+    ``n = prod(W.shape[1:])``. Starts from ``quantizer.codes_`` and runs ``n_sweeps``
+    block-coordinate sweeps over subspaces. Returns codes ``[m, n_sub]`` in the dtype of ``codes_``;
+    store them with ``quantizer.set_codes(codes)``.
     """
     codes, _ = _e_step(quantizer, W, H, n_sweeps, damp)
     return codes
@@ -118,7 +118,8 @@ def _e_step(quantizer, W, H, n_sweeps, damp) -> tuple[torch.Tensor, list[float]]
         raise CompressKitError(f"e_step: n_sweeps must be an integer >= 0, got {n_sweeps!r}")
     if not damp >= 0:
         raise CompressKitError(f"e_step: damp must be a number >= 0, got {damp!r}")
-    table, book = centroid_layout(quantizer)  # [B, k, d], [m, n_sub]
+    layout = codebook_layout_of(quantizer, "e_step")
+    table, book = layout.centroids(), layout.book  # [B, k, d] float32, [m, n_sub]
     codes0 = quantizer.codes_
     m, n_sub = codes0.shape
     n_books, k, d = table.shape

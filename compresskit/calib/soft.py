@@ -7,16 +7,18 @@ model's outputs) can train both with gradient descent. As training goes, subvect
 candidate is nearly certain are frozen to it (:meth:`SoftAssignment.freeze_confident`); at the end
 every subvector is hardened to its most likely candidate and written back into the quantizer.
 
-The centroid table is a parameter in float32: for a pooled PQ the pool ``[P, d]`` (codebook slots
-look it up through the fixed ``projection_``), otherwise the codebooks ``[n_books, k, d]`` (PQ
-``codebooks_``, VQ ``codebooks_ [row_groups, k, d]``).
+The centroid table is a parameter in float32, a copy of the quantizer's layout table (see
+:class:`~compresskit.quantizers.codebook.CodebookLayout`): for a pooled PQ the pool ``[P, d]``
+(codebook slots look it up through the fixed ``slot_rows``), otherwise the codebooks
+``[n_books, k, d]``. :meth:`SoftAssignment.write_back` stores it and the hardened codes through the
+quantizer's setters, in place.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from compresskit.calib.estep import centroid_layout, centroid_target
+from compresskit.calib.estep import centroid_target, codebook_layout_of
 from compresskit.errors import CompressKitError
 
 
@@ -32,7 +34,8 @@ class SoftAssignment(nn.Module):
 
     def __init__(self, quantizer, W: torch.Tensor, n_candidates: int = 4, temperature: float | None = None):
         super().__init__()
-        table, book = centroid_layout(quantizer)  # [B, k, d], [m, n_sub]
+        layout = codebook_layout_of(quantizer, "SoftAssignment")
+        table, book = layout.centroids(), layout.book  # [B, k, d] float32, [m, n_sub]
         n_books, k, d = table.shape
         m, n_sub = quantizer.codes_.shape
         if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
@@ -47,7 +50,6 @@ class SoftAssignment(nn.Module):
         self.n_cols = W2.shape[1]
         self.k, self.d = k, d
         self.code_dtype = quantizer.codes_.dtype
-        self.pooled = bool(getattr(quantizer, "pooled_", False))
 
         sub = nn.functional.pad(W2, (0, n_sub * d - self.n_cols)).reshape(m, n_sub, d)
         cur = quantizer.codes_.long()  # [m, n_sub]
@@ -65,13 +67,8 @@ class SoftAssignment(nn.Module):
             logits[..., 0] = torch.maximum(logits[..., 0], logits[..., 1:].max(-1).values + 1.0)
 
         slot = book[..., None] * k + cand  # [m, n_sub, n] index into the flat codebook slots
-        if self.pooled:
-            self.table = nn.Parameter(quantizer.pool_.float().clone())  # [P, d]
-            self.register_buffer("entry", quantizer.projection_.long().reshape(-1)[slot])  # [m, n_sub, n] pool rows
-        else:
-            state = quantizer.codebooks_.float().clone()  # [B, k, d]
-            self.table = nn.Parameter(state)
-            self.register_buffer("entry", slot)  # [m, n_sub, n] rows of table.reshape(-1, d)
+        self.table = nn.Parameter(layout.table.detach().float().clone())  # [P, d] or [B, k, d]
+        self.register_buffer("entry", layout.slot_rows.reshape(-1)[slot])  # [m, n_sub, n] rows of table.reshape(-1, d)
         self.register_buffer("candidates", cand)
         self.register_buffer("row_scale", row_s)  # [m], ones without row_scale
         self.logits = nn.Parameter(logits)
@@ -122,10 +119,9 @@ class SoftAssignment(nn.Module):
 
     @torch.no_grad()
     def write_back(self, quantizer) -> None:
-        """Store the trained centroid table (float16) and the hardened codes in ``quantizer``."""
-        table = self.table.detach().to(torch.float16).clone()
-        if self.pooled:
-            quantizer.pool_ = table
-        else:
-            quantizer.codebooks_ = table
-        quantizer.codes_ = self.harden()
+        """Store the trained centroid table (rounded to its stored dtype, float16 for PQ and VQ) and
+        the hardened codes in ``quantizer``, in place through its setters: a compressed module
+        sharing those tensors sees the result, and no tensor is replaced."""
+        codebook_layout_of(quantizer, "SoftAssignment.write_back")
+        quantizer.set_centroids(self.table.detach())
+        quantizer.set_codes(self.harden())

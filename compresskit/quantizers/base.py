@@ -7,6 +7,11 @@ conv kernel) is flattened to ``[shape[0], prod(shape[1:])]`` and restored on the
 
 Learned state round-trips through safetensors (``save`` / ``load_quantizer``): tensors in the file,
 parameters and scalar state as JSON metadata. No pickle.
+
+Capabilities are class attributes, so calibration dispatches on what a quantizer can do, never on its
+name: ``uses_hessian`` (``fit(W, hessian=H)`` uses the input statistics) and
+``supports_codebook_update`` (a :class:`~compresskit.quantizers.codebook.CodebookQuantizer`, whose
+codes and centroid table calibration may change through its setters).
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ class Quantizer:
 
     name: ClassVar[str] = ""
     _state_tensors: ClassVar[tuple[str, ...]] = ()
+    uses_hessian: ClassVar[bool] = False  # fit(W, hessian=H) uses the layer's input statistics
+    supports_codebook_update: ClassVar[bool] = False  # a CodebookQuantizer: see quantizers/codebook.py
 
     # ---- parameters -------------------------------------------------------------------------
     @classmethod
@@ -104,6 +111,54 @@ class Quantizer:
 
     def fit_transform(self, W: torch.Tensor, **fit_params: Any) -> torch.Tensor:
         return self.fit(W, **fit_params).codes_
+
+    # ---- shapes it can take -----------------------------------------------------------------
+    def adapt_to_shape(self, shape: tuple[int, ...]) -> tuple["Quantizer | None", str | None]:
+        """Can this quantizer fit a weight of ``shape`` (``[out, ...]``, flattened as :meth:`fit` does)?
+
+        Returns ``(self, None)`` when it can as it is; ``(clone, note)`` when a clone with adjusted
+        parameters can (``note``: one sentence saying what changed and why, for the report);
+        ``(None, reason)`` when the tensor cannot be compressed at all and should stay dense. One odd
+        layer (a 1 x 128 gate, a 128 x 1 head) must never fail a model. Parameters that are invalid
+        whatever the shape still raise CompressKitError. The base handles the rank and size every
+        quantizer needs; subclasses with shape limits extend it.
+        """
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2:
+            return None, f"a {len(shape)}-D tensor of shape {shape} has no [out, in] layout to quantize"
+        if math.prod(shape) == 0:
+            return None, f"the tensor of shape {shape} is empty"
+        return self, None
+
+    def _adapted(self, note: str, **params: Any) -> tuple["Quantizer", str]:
+        """``(clone with params changed, note)``: what :meth:`adapt_to_shape` returns after an adjustment."""
+        return type(self)(**{**self.get_params(), **params}), note
+
+    # ---- shared state -----------------------------------------------------------------------
+    def bind_state(self, tensors: dict[str, torch.Tensor], codes: torch.Tensor) -> None:
+        """Adopt ``tensors`` (one per learned tensor name, as stored) and the unpacked ``codes``
+        ``[same shape as codes_]`` as this fitted quantizer's state, without copying.
+
+        A compressed module calls this so that its buffers and parameters and the quantizer are the
+        same tensors: a change through either (an optimiser step, a setter's ``copy_``, ``.to()``)
+        is seen by both. Shapes must match the fitted state; dtypes and devices may differ (a module
+        trains in float32 and moves between devices).
+        """
+        self._check_fitted()
+        names = tuple(self._state_tensors)
+        if set(tensors) != set(names):
+            raise CompressKitError(
+                f"{self.name}: bind_state needs exactly the tensors {list(names)}, got {sorted(tensors)}; pass the quantizer's own state names"
+            )
+        for key in names:
+            have, want = tuple(tensors[key].shape), tuple(getattr(self, key).shape)
+            if have != want:
+                raise CompressKitError(f"{self.name}: bind_state got {key} of shape {list(have)}, but the fitted state is {list(want)}; pass tensors of the fitted shapes")
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or tuple(codes.shape) != tuple(self.codes_.shape):
+            raise CompressKitError(f"{self.name}: bind_state needs integer codes of shape {list(self.codes_.shape)} (unpacked); got {_describe(codes)}")
+        for key in names:
+            setattr(self, key, tensors[key])
+        self.codes_ = codes
 
     # ---- size accounting --------------------------------------------------------------------
     def size_report(self) -> SizeReport:
@@ -196,6 +251,13 @@ class Quantizer:
             n_bad = int((~torch.isfinite(W2)).sum())
             raise CompressKitError(f"{self.name}: the weight has {n_bad} NaN or infinite values; fix them before quantizing")
         return W2
+
+
+def _describe(x: Any) -> str:
+    """``float32 [3, 4]`` for a tensor, the type name otherwise (for error messages)."""
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+    return type(x).__name__
 
 
 def check_int(name: str, qname: str, value: Any, lo: int, hi: int) -> None:

@@ -42,6 +42,8 @@ class GPTQ(RTN):
     State as RTN: ``codes_ [m, n_padded]`` uint8, ``scales_``/``zeros_ [m, n_groups]`` float16.
     """
 
+    uses_hessian = True  # the calibrator passes each layer's H = X^T X / N to fit
+
     def __init__(
         self,
         bits: int = 4,

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from compresskit.errors import CompressKitError
-from compresskit.quantizers.base import Quantizer, check_int
+from compresskit.quantizers.base import check_int
+from compresskit.quantizers.codebook import (
+    CodebookLayout,
+    CodebookQuantizer,
+    adaptation_note,
+    identity_slots,
+    power_of_two_at_most,
+    too_few_subvectors,
+)
 from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
 from compresskit.quantizers.pool import build_pool, pool_size_for, refine_pool
@@ -57,7 +65,7 @@ def to_subvectors(W: torch.Tensor, d: int) -> tuple[torch.Tensor, int]:
 
 
 @register_quantizer("pq")
-class PQ(Quantizer):
+class PQ(CodebookQuantizer):
     """Product quantizer: per-subspace k-means codebooks, compressed into a shared pool.
 
     Learned state: ``codes_ [m, n_sub]`` uint8; ``codebooks_ [n_books, k, d]`` float16 when the pool
@@ -141,6 +149,35 @@ class PQ(Quantizer):
             return {"pool": pool_entries * self.d_ * FLOAT_BITS, "projection": n_books * self.k * _index_bits(pool_entries)}
         return {"codebooks": n_books * self.k * self.d_ * FLOAT_BITS}
 
+    def adapt_to_shape(self, shape: tuple[int, ...]) -> tuple["PQ | None", str | None]:
+        """See :meth:`Quantizer.adapt_to_shape`. The automatic ``share`` already grows until a book
+        has k subvectors, so what can still fail is a weight with fewer than k subvectors per book
+        (a 1 x 128 gate; a 128 x 1 head, whose single column is padded to d and so gives only 128
+        subvectors): then d is lowered to the column count when it exceeds it (padded coordinates
+        are stored but carry nothing), and k to the largest power of two not above the subvectors a
+        book gets (at least 2)."""
+        q, reason = super().adapt_to_shape(shape)
+        if q is None:
+            return None, reason
+        self._validate_params()
+        shape = tuple(shape)
+        rows, cols = shape[0], math.prod(shape[1:])
+        share, n_sub, _, _ = self._layout(rows, cols)
+        per_book = rows * min(share, n_sub)  # what fit checks
+        if self.k <= per_book:
+            return self, None
+        changes: dict[str, tuple[int, int]] = {}
+        reasons = []
+        if self.d_ > cols:
+            changes["d"] = (self.d_, cols)
+            reasons.append(f"only {cols} input column{'s' if cols > 1 else ''}")
+            per_book = rows  # one subspace, whatever share
+        if per_book < 2:
+            return None, too_few_subvectors(shape, per_book)
+        changes["k"] = (self.k, power_of_two_at_most(per_book))
+        reasons.append(f"only {per_book} subvectors per codebook")
+        return self._adapted(adaptation_note(shape, changes, reasons), **{p: new for p, (_, new) in changes.items()})
+
     # ---- size accounting --------------------------------------------------------------------
     def _size(self, shape: tuple[int, int]) -> dict[str, int]:
         rows, cols = shape
@@ -201,6 +238,21 @@ class PQ(Quantizer):
         del self.codebooks_
         self.error_before_pool_ = before
         self.error_after_pool_ = _rel_error(self._rebuild(codes, self.effective_codebooks().reshape(-1, d)), sub)
+
+    def codebook_layout(self) -> CodebookLayout:
+        """The pool ``pool_ [P, d]`` read through ``projection_`` when pooled, else ``codebooks_
+        [n_books, k, d]``; subspace g uses book ``g // share_``; ``scale_`` with ``row_scale``."""
+        self._check_fitted()
+        m, n_sub = self.codes_.shape
+        device = self.codes_.device
+        book = (torch.arange(n_sub, device=device) // self.share_).expand(m, n_sub).contiguous()
+        if self.pooled_:
+            table, table_name, slots = self.pool_, "pool_", self.projection_.long()
+        else:
+            table, table_name = self.codebooks_, "codebooks_"
+            slots = identity_slots(table.shape[0], self.k, device)
+        scale = self.scale_ if self.row_scale else None
+        return CodebookLayout(table, table_name, slots, book, self.k, table.shape[-1], scale)
 
     def effective_codebooks(self) -> torch.Tensor:
         """Centroids as reconstruction sees them: [n_books, k, d] float32 (pool looked up if on)."""

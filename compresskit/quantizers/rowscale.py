@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from compresskit.quantizers.codebook import CodebookQuantizer
+
 SCALE_BITS = 16  # float16 per row
 
 
@@ -25,6 +27,7 @@ def normalise_rows(W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def row_scale_of(quantizer, m: int) -> torch.Tensor:
-    """The quantizer's row scales ``[m]`` in float32, ones when it keeps none."""
-    scale = getattr(quantizer, "scale_", None)
+    """The fitted quantizer's row scales ``[m]`` in float32, ones when it keeps none (a codebook
+    quantizer without ``row_scale``, or any other quantizer)."""
+    scale = quantizer.codebook_layout().row_scales if isinstance(quantizer, CodebookQuantizer) else None
     return torch.ones(m) if scale is None else scale.detach().float()

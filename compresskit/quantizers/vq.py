@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from compresskit.errors import CompressKitError
-from compresskit.quantizers.base import Quantizer, check_int
+from compresskit.quantizers.base import check_int
+from compresskit.quantizers.codebook import (
+    CodebookLayout,
+    CodebookQuantizer,
+    adaptation_note,
+    identity_slots,
+    power_of_two_at_most,
+    too_few_subvectors,
+)
 from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
 from compresskit.quantizers.pq import FLOAT_BITS, subvector_dim, to_subvectors
@@ -22,7 +30,7 @@ from compresskit.registry import register_quantizer
 
 
 @register_quantizer("vq")
-class VQ(Quantizer):
+class VQ(CodebookQuantizer):
     """k-means vector quantizer. State: ``codes_ [m, n_sub]``, ``codebooks_ [row_groups, k, d]`` float16,
     and with ``row_scale`` ``scale_ [m]`` float16."""
 
@@ -80,6 +88,53 @@ class VQ(Quantizer):
             "codebooks": self.row_groups * self.k_ * self.d_ * FLOAT_BITS,
             **({"scales": rows * SCALE_BITS} if self.row_scale else {}),
         }
+
+    def adapt_to_shape(self, shape: tuple[int, ...]) -> tuple["VQ | None", str | None]:
+        """See :meth:`Quantizer.adapt_to_shape`. ``row_groups`` that do not divide the rows fall to
+        the largest divisor below them; a codebook with fewer than k subvectors first has d lowered
+        to the column count when it exceeds it (padded coordinates carry nothing, and with the
+        default ``k = 2 ** (bits * d)`` that keeps the asked bits per weight), then k lowered to the
+        largest power of two not above its subvectors (at least 2)."""
+        q, reason = super().adapt_to_shape(shape)
+        if q is None:
+            return None, reason
+        self._validate_params()
+        shape = tuple(shape)
+        rows, cols = shape[0], math.prod(shape[1:])
+        changes: dict[str, tuple[int, int]] = {}
+        reasons = []
+        groups = self.row_groups
+        if rows % groups:
+            groups = max(g for g in range(1, min(groups, rows) + 1) if rows % g == 0)
+            changes["row_groups"] = (self.row_groups, groups)
+            reasons.append(f"{rows} rows, which {self.row_groups} row groups do not divide")
+        d, k = self.d_, self.k_
+        per_group = rows // groups * math.ceil(cols / d)
+        if k > per_group and d > cols:
+            d = cols
+            k = 2 ** round(self.bits * d) if self.k is None else k  # the default k follows d
+            changes["d"] = (self.d_, d)
+            reasons.append(f"only {cols} input column{'s' if cols > 1 else ''}")
+        if k > per_group:
+            if per_group < 2:
+                return None, too_few_subvectors(shape, per_group)
+            k = power_of_two_at_most(per_group)
+            reasons.append(f"only {per_group} subvectors per codebook")
+        if k != self.k_:
+            changes["k"] = (self.k_, k)
+        if not changes:
+            return self, None
+        return self._adapted(adaptation_note(shape, changes, reasons), **{p: new for p, (_, new) in changes.items()})
+
+    def codebook_layout(self) -> CodebookLayout:
+        """``codebooks_ [row_groups, k, d]``; row i uses book ``i // (m / row_groups)``; ``scale_`` with ``row_scale``."""
+        self._check_fitted()
+        m, n_sub = self.codes_.shape
+        device = self.codes_.device
+        book = (torch.arange(m, device=device) // (m // self.row_groups))[:, None].expand(m, n_sub).contiguous()
+        slots = identity_slots(self.row_groups, self.k_, device)
+        scale = self.scale_ if self.row_scale else None
+        return CodebookLayout(self.codebooks_, "codebooks_", slots, book, self.k_, self.codebooks_.shape[-1], scale)
 
     def _groups(self, W: torch.Tensor) -> torch.Tensor:
         """[m, n] -> [row_groups, (m / row_groups) * n_sub, d] (row-major within a group)."""

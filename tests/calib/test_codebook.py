@@ -68,7 +68,7 @@ def test_unused_centroids_stay_and_damping_never_raises_the_true_error(case):
     old = table_of(q).float()
     d = old.shape[-1]
     # force everything onto a few table entries: the rest are unused and must not move
-    q.codes_ = (q.codes_ % 3).to(q.codes_.dtype)
+    q.set_codes(q.codes_ % 3)
     table, book = centroid_layout(q)
     slot = book * table.shape[1] + q.codes_.long()
     entry = q.projection_.long().reshape(-1)[slot] if getattr(q, "pooled_", False) else slot
@@ -92,7 +92,7 @@ def test_row_scales_are_optimal_per_row():
     base = output_error(W, q.inverse_transform(), H)
     for factor in (0.99, 1.01):
         q2 = copy.deepcopy(q)
-        q2.scale_ = (q2.scale_.float() * factor).half()
+        q2.set_row_scales(q2.scale_.float() * factor)
         assert output_error(W, q2.inverse_transform(), H) > base
     # a quantizer without row scales is left alone
     plain = PQ(bits=2, k=16, share=2, pool=False).fit(W)
@@ -103,7 +103,7 @@ def test_row_scales_are_optimal_per_row():
 def test_refine_beats_the_e_step_alone_and_never_rises(case):
     q, W = fitted(case)
     H = hessian(W[0].numel(), seed=2)
-    q.codes_ = e_step(q, W, H, n_sweeps=2)
+    q.set_codes(e_step(q, W, H, n_sweeps=2))
     after_e = output_error(W, q.inverse_transform(), H)
     errors = refine_layer(q, W, H, rounds=3)
     assert errors[0] == pytest.approx(after_e, rel=1e-4)

@@ -55,7 +55,7 @@ def test_reinit_changes_exactly_the_dead_entries_and_the_next_estep_uses_them(ca
     changed = (after != before).reshape(flat.numel(), -1).any(-1)
     assert changed.nonzero(as_tuple=True)[0].tolist() == dead_idx.tolist()
     assert after.dtype == torch.float16
-    q.codes_ = e_step(q, W, H, n_sweeps=2)
+    q.set_codes(e_step(q, W, H, n_sweeps=2))
     assert (usage_counts(q).view(-1)[dead_idx] > 0).any()
 
 

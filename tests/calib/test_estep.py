@@ -45,7 +45,7 @@ def test_lowers_output_error_vs_kmeans_codes_and_is_monotone(case):
         assert after <= before * (1 + 1e-5)
     assert errors[-1] < 0.9 * errors[0], errors
     assert codes.dtype == q.codes_.dtype and codes.shape == q.codes_.shape
-    q.codes_ = codes
+    q.set_codes(codes)
     assert output_error(W, q.inverse_transform(), H) == pytest.approx(min(errors), rel=1e-4)
 
 
@@ -58,7 +58,7 @@ def test_damped_sweeps_never_raise_either_objective(case):
     errs = [output_error(W, q.inverse_transform(), H)]
     damped = [output_error(W, q.inverse_transform(), H_damped)]
     for _ in range(3):
-        q.codes_ = e_step(q, W, H, n_sweeps=1, damp=damp)
+        q.set_codes(e_step(q, W, H, n_sweeps=1, damp=damp))
         errs.append(output_error(W, q.inverse_transform(), H))
         damped.append(output_error(W, q.inverse_transform(), H_damped))
     assert all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:])), errs
@@ -71,7 +71,7 @@ def test_identity_hessian_gives_nearest_centroid_codes(case):
     q, W = fitted(case)
     table, _ = centroid_layout(q)
     gen = torch.Generator().manual_seed(5)
-    q.codes_ = torch.randint(0, table.shape[1], q.codes_.shape, generator=gen).to(q.codes_.dtype)  # a bad start
+    q.set_codes(torch.randint(0, table.shape[1], q.codes_.shape, generator=gen))  # a bad start
     n = W[0].numel()
     codes = e_step(q, W, torch.eye(n), n_sweeps=1)
     # with H = I the output error is the weight error, so each subvector goes to its nearest centroid,
@@ -99,7 +99,7 @@ def test_converged_codes_are_locally_optimal_by_brute_force():
     W = torch.randn(8, 8, generator=torch.Generator().manual_seed(7))
     q = PQ(bits=4, k=4, share=1, pool=False).fit(W)  # d = 2, 4 subspaces of 4 centroids
     H = correlated_hessian(8, seed=8)
-    q.codes_ = e_step(q, W, H, n_sweeps=20, damp=0.0)
+    q.set_codes(e_step(q, W, H, n_sweeps=20, damp=0.0))
     best = output_error(W, q.inverse_transform(), H)
     for i in range(8):
         for g in range(4):

@@ -18,7 +18,7 @@ def inputs(n: int) -> torch.Tensor:
 def test_starts_at_the_current_codes_even_when_they_are_not_the_nearest(case):
     q, W = fitted(case)
     X = inputs(W[0].numel())
-    q.codes_ = e_step(q, W, X.T @ X / X.shape[0], n_sweeps=2)  # output-optimal, not weight-nearest
+    q.set_codes(e_step(q, W, X.T @ X / X.shape[0], n_sweeps=2))  # output-optimal, not weight-nearest
     assert not torch.equal(q.codes_, q.transform(W))
     soft = SoftAssignment(q, W, n_candidates=4)
     assert torch.equal(soft.harden(), q.codes_)

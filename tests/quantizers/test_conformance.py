@@ -6,7 +6,7 @@ import torch
 
 from compresskit import available_quantizers
 from compresskit.errors import CompressKitError
-from compresskit.quantizers import load_quantizer
+from compresskit.quantizers import CodebookQuantizer, load_quantizer
 
 # tiny-shape parameters per family; a quantizer registered later falls back to {}
 SMALL: dict = {}
@@ -145,3 +145,97 @@ def test_bits_out_of_range(name):
 def test_transform_before_fit(name):
     with pytest.raises(CompressKitError, match="not fitted"):
         make(name).transform(weight())
+
+
+# ---- capabilities, shared state, shapes -----------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_capability_flags_are_declared_and_true(name):
+    cls, W = cls_of(name), weight()
+    assert isinstance(cls.uses_hessian, bool) and isinstance(cls.supports_codebook_update, bool)
+    assert cls.supports_codebook_update == issubclass(cls, CodebookQuantizer)
+    if cls.uses_hessian:  # fit takes the input statistics, and they change the result
+        X = torch.randn(256, W.shape[1], generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, W.shape[1])
+        with_h = make(name).fit(W, hessian=X.T @ X).inverse_transform()
+        assert not torch.equal(with_h, make(name).fit(W).inverse_transform())
+    if cls.supports_codebook_update:
+        check_codebook_protocol(make(name).fit(W), W)
+
+
+def check_codebook_protocol(q, W):
+    """The layout rebuilds exactly what inverse_transform does, and the setters write in place."""
+    layout = q.codebook_layout()
+    m, n_sub = q.codes_.shape
+    assert layout.book.shape == (m, n_sub) and layout.slot_rows.shape == (layout.n_books, layout.k)
+    sub = layout.centroids()[layout.book, q.codes_.long()]  # [m, n_sub, d]
+    rebuilt = sub.reshape(m, -1)[:, : W[0].numel()]
+    if layout.row_scales is not None:
+        rebuilt = rebuilt * layout.row_scales.float()[:, None]
+    assert torch.equal(rebuilt.reshape(W.shape), q.inverse_transform().float())
+    table, codes, ref = layout.table, q.codes_, q.inverse_transform()
+    q.set_centroids(table.float() * 2)
+    q.set_codes(torch.zeros_like(codes, dtype=torch.int64))
+    after = q.codebook_layout()
+    assert after.table is table and q.codes_ is codes  # same tensors: written in place
+    assert (codes == 0).all() and not torch.equal(q.inverse_transform(), ref)
+    with pytest.raises(CompressKitError, match="set_centroids"):
+        q.set_centroids(table.float()[..., :1])
+    with pytest.raises(CompressKitError, match=r"codes must lie in \[0"):
+        q.set_codes(torch.full_like(codes, layout.k, dtype=torch.int64))
+    if layout.row_scales is None:
+        with pytest.raises(CompressKitError, match="no row scales"):
+            q.set_row_scales(torch.ones(m))
+    else:
+        q.set_row_scales(torch.ones(m))
+        assert q.codebook_layout().row_scales is layout.row_scales and (layout.row_scales == 1).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bind_state_shares_the_given_tensors(name):
+    W = weight()
+    q = make(name).fit(W)
+    ref = q.inverse_transform()
+    tensors = {key: t.clone() for key, t in q.state_tensors().items() if key != "codes_"}
+    codes = q.codes_.clone()
+    q.bind_state(tensors, codes)
+    assert torch.equal(q.inverse_transform(), ref) and q.codes_ is codes
+    stored = q.state_tensors()
+    assert all(stored[key].data_ptr() == t.data_ptr() for key, t in tensors.items())  # not copied
+    floats = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
+    floats[0].mul_(2)  # a change made through the module's tensor is the quantizer's change
+    assert not torch.equal(q.inverse_transform(), ref)
+    key = next(iter(tensors))
+    for bad, bad_codes in [
+        ({k: v for k, v in tensors.items() if k != key}, codes),  # a tensor missing
+        ({**tensors, "extra_": codes}, codes),  # one too many
+        ({**tensors, key: tensors[key].reshape(-1)[:1]}, codes),  # wrong shape
+        (tensors, codes.float()),  # codes must be integers
+        (tensors, codes[:1]),
+    ]:
+        with pytest.raises(CompressKitError, match="bind_state"):
+            q.bind_state(bad, bad_codes)
+    with pytest.raises(CompressKitError, match="not fitted"):
+        make(name).bind_state(tensors, codes)
+
+
+TINY_SHAPES = [(128, 1), (1, 128), (1, 1), (2, 1), (1, 3), (3, 5), (6, 7), (16, 3, 1, 1), (1, 1, 3, 3)]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_adapt_to_shape_result_always_fits(name):
+    bits_options = (1, 2, 3, 4) if "bits" in cls_of(name).param_defaults() else (None,)
+    for bits in bits_options:
+        q = make(name) if bits is None else make(name, bits=bits)
+        params = q.get_params()
+        assert q.adapt_to_shape(tuple(weight().shape)) == (q, None)  # a shape it fits is left alone
+        for shape in TINY_SHAPES:
+            adapted, note = q.adapt_to_shape(shape)
+            assert q.get_params() == params  # the asked quantizer is never changed
+            if adapted is None:  # stays dense: the reason is one sentence
+                assert isinstance(note, str) and note and "\n" not in note
+                continue
+            assert (note is None) == (adapted is q)
+            if adapted is not q:
+                assert type(adapted) is type(q) and isinstance(note, str) and "\n" not in note
+            W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            assert adapted.fit(W).inverse_transform().shape == W.shape, (bits, shape, note)
+    assert q.adapt_to_shape((64,))[0] is None and q.adapt_to_shape((0, 16))[0] is None
