@@ -101,11 +101,12 @@ def test_soft_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids()
             with torch.no_grad():
                 model.blocks[0].fc.weight.mul_(weight_scale)
             batches = [{"x": torch.randn(64, 16, generator=torch.Generator().manual_seed(1))}]
-            cfg = CalibrationConfig(m_steps=steps, m_objective="block", soft_candidates=2, lr=1e-2, logit_lr=0.0, e_sweeps=0)
+            soft = dict(m_steps=steps, m_objective="block", soft_candidates=2, lr=1e-2, logit_lr=0.0) if steps else {}
+            cfg = CalibrationConfig(e_sweeps=0, **soft)
             cal = Calibrator(["blocks.0"], batches, config=cfg)
             params = {"pool": False, "k": 8, "row_scale": True}
             compresskit.compress(model, CompressConfig(method="pq", bits=2, params=params), calibration=cal)
-            deq[steps] = model.blocks[0].fc.dequantize().float()
+            deq[steps] = quantized_of(model.blocks[0].fc, "weight").dequantize().float()
         return float((deq[1] - deq[0]).abs().max())
 
     small, plain = weight_step(0.05), weight_step(1.0)
