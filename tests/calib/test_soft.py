@@ -5,6 +5,7 @@ import torch
 
 from compresskit.calib.estep import e_step
 from compresskit.calib.soft import SoftAssignment
+from compresskit.nn import quantized_of
 from codebook_cases import CASES, IDS, fitted
 
 
