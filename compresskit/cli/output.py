@@ -80,22 +80,40 @@ def quantize_summary(result: dict[str, Any]) -> None:
     console.print(t)
 
 
-def info_table(manifest: dict[str, Any]) -> None:
-    t = Table(title=f"{manifest['source'].get('model', '?')} (format {manifest['format_version']})")
-    t.add_column("layer")
-    t.add_column("method")
-    t.add_column("shape")
-    t.add_column("bits/weight", justify="right")
-    t.add_column("rel. error", justify="right")
-    t.add_column("PQ error before / after pool", justify="right")
-    for name, layer in manifest["layers"].items():
-        q = layer["quantizer"]
-        err = layer.get("rel_error")
-        pool = f"{q['error_before_pool_']:.4f} / {q['error_after_pool_']:.4f}" if "error_after_pool_" in q else "-"
-        t.add_row(name, q["quantizer"], "x".join(map(str, q["shape_"])), f"{layer['bits_per_weight']:.3f}", "-" if err is None else f"{err:.4f}", pool)
-    console.print(t)
+def info_table(manifest: dict[str, Any], out: Console | None = None) -> None:
+    """Print one row per compressed layer, then the totals, on ``out`` (default: stdout).
+
+    The layer name is what a reader looks for, so it is the one column that never shrinks: at 80 columns
+    rich would otherwise cut every row to ``model.layers…``. The numeric columns wrap their headers and
+    values instead. Only when the names alone leave no room for the rest do they fold onto more lines,
+    whole, rather than push the other columns off the edge of the terminal.
+    """
+    header = ("layer", "method", "shape", "bits per weight", "rel. error", "PQ error before / after pool")
+    rows = [_info_row(name, layer) for name, layer in manifest["layers"].items()]
+    out = out or console
+    # the narrowest each column gets without breaking a word, plus 3 for its padding and separator; with
+    # no outer edge the first and last columns pad on one side only, hence the -3
+    narrowest = [max(len(word) for text in column for word in text.split()) for column in zip(header, *rows)]
+    whole = sum(narrowest) + 3 * len(narrowest) - 3 <= out.width
+    t = Table(title=f"{manifest['source'].get('model', '?')} (format {manifest['format_version']})", show_edge=False, pad_edge=False)
+    t.add_column(header[0], no_wrap=whole, min_width=max(len(row[0]) for row in rows) if whole and rows else None, overflow="fold")
+    # one short word per cell: these two never need to wrap, so rich takes the room from the wordier columns
+    t.add_column(header[1], no_wrap=True, overflow="fold")
+    t.add_column(header[2], no_wrap=True, overflow="fold")
+    for title in header[3:]:
+        t.add_column(title, justify="right", overflow="fold")
+    for row in rows:
+        t.add_row(*map(escape, row))
+    out.print(t)
     totals = manifest["totals"]
-    console.print(
+    out.print(
         f"total {_mb(totals['compressed_bytes'])} vs {_mb(totals['original_fp16_bytes'])} FP16 "
         f"({totals['ratio']:.2f}x), {totals['bits_per_weight_all_in']:.3f} bits/weight all-in"
     )
+
+
+def _info_row(name: str, layer: dict[str, Any]) -> tuple[str, ...]:
+    q = layer["quantizer"]
+    err = layer.get("rel_error")
+    pool = f"{q['error_before_pool_']:.4f} / {q['error_after_pool_']:.4f}" if "error_after_pool_" in q else "-"
+    return name, q["quantizer"], "x".join(map(str, q["shape_"])), f"{layer['bits_per_weight']:.3f}", "-" if err is None else f"{err:.4f}", pool
