@@ -11,14 +11,14 @@ from compresskit.adapters.base import (
     get_adapter,
     register_adapter,
 )
-from compresskit.adapters.llama import LlamaAdapter
+from compresskit.adapters.lm import CausalLMAdapter  # registers "lm"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Adapter",
+    "CausalLMAdapter",
     "DataSpec",
     "EvalSpec",
-    "LlamaAdapter",
     "LoadedModel",
     "Option",
     "adapter_for",

@@ -1,4 +1,4 @@
-"""Language-model quality: next-token loss and perplexity over fixed token windows.
+"""Causal-LM quality and losses: perplexity, next-token loss, distillation to a teacher's top-k.
 
 Perplexity is ``exp(total NLL / number of predicted tokens)`` over non-overlapping windows; inside a
 window every token but the first is predicted from the ones before it, so a run over ``n`` windows of
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+def lm_logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Next-token logits of a causal LM: float ``[batch, seq, vocab]`` for LongTensor ``input_ids``
+    ``[batch, seq]``; ``kwargs`` are further model-call arguments. No KV cache is built."""
     kwargs.setdefault("use_cache", False)  # calibration batches carry it already
     out = model(input_ids=input_ids, **kwargs)
     return out.logits if hasattr(out, "logits") else out  # [batch, seq, vocab]
@@ -37,7 +39,7 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss of a causal LM on one batch of model kwargs (must hold ``input_ids``)."""
     kwargs = dict(batch)
     input_ids = kwargs.pop("input_ids")
-    return next_token_nll(_logits(model, input_ids, **kwargs), input_ids)
+    return next_token_nll(lm_logits(model, input_ids, **kwargs), input_ids)
 
 
 @torch.no_grad()
@@ -49,7 +51,7 @@ def teacher_topk(model: nn.Module, batch: dict[str, torch.Tensor], k: int = 64) 
     """
     kwargs = dict(batch)
     input_ids = kwargs.pop("input_ids")
-    logp = F.log_softmax(_logits(model, input_ids, **kwargs).float(), dim=-1)
+    logp = F.log_softmax(lm_logits(model, input_ids, **kwargs).float(), dim=-1)
     top = logp.topk(min(k, logp.shape[-1]), dim=-1)
     return {"logp": top.values, "index": top.indices.int()}
 
@@ -63,7 +65,7 @@ def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], teacher: dict
     """
     kwargs = dict(batch)
     input_ids = kwargs.pop("input_ids")
-    logq_all = F.log_softmax(_logits(model, input_ids, **kwargs).float(), dim=-1)  # [batch, seq, vocab]
+    logq_all = F.log_softmax(lm_logits(model, input_ids, **kwargs).float(), dim=-1)  # [batch, seq, vocab]
     logq = logq_all.gather(-1, teacher["index"].long())  # [batch, seq, k]
     logp = teacher["logp"]
     p = logp.exp()
@@ -92,7 +94,7 @@ def perplexity(
     try:
         for first in range(0, windows.shape[0], batch_size):
             batch = windows[first : first + batch_size]  # [b, window]
-            nll_sum += next_token_nll(_logits(model, batch), batch, reduction="sum").item()
+            nll_sum += next_token_nll(lm_logits(model, batch), batch, reduction="sum").item()
             n_predicted += batch.shape[0] * (batch.shape[1] - 1)
             if progress is not None:
                 progress(min(first + batch_size, windows.shape[0]), windows.shape[0])

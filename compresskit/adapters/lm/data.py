@@ -1,4 +1,4 @@
-"""Calibration and evaluation text, tokenized once, split so the two never overlap.
+"""Causal-LM calibration and evaluation text, tokenized once, split so the two never overlap.
 
 The default text needs no download: the help topics that ship with Python (``pydoc_data.topics``),
 joined in sorted key order so every run sees the same characters. Any UTF-8 text file works too.

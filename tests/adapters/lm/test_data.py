@@ -1,8 +1,8 @@
-"""Text data: default text, token stream, evaluation windows, disjoint calibration windows."""
+"""Causal-LM text data: default text, token stream, evaluation windows, disjoint calibration windows."""
 import pytest
 import torch
 
-from compresskit.data import EVAL_HEAD_TOKENS, calib_windows, eval_windows, load_text, token_stream
+from compresskit.adapters.lm.data import EVAL_HEAD_TOKENS, calib_windows, eval_windows, load_text, token_stream
 from compresskit.errors import CompressKitError
 
 
