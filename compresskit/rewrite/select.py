@@ -3,8 +3,8 @@
 Rules, applied to every layer of a :class:`~compresskit.rewrite.graph.TargetGraph`:
 
 * a layer is a candidate if it matches some ``include`` pattern and no ``exclude`` pattern
-  (exclude wins) and no ``keep_dense`` pattern (the caller's defaults, e.g. an adapter's
-  ``lm_head``);
+  (exclude wins) and no ``keep_dense`` pattern (the caller's defaults, e.g. an adapter's; a
+  pattern may come with its reason as ``(pattern, reason)``, which the selection reports);
 * layers whose weight is tied to another module are compressed only if every module sharing the
   weight is a candidate too; otherwise they stay dense (compressing one copy of a shared tensor
   saves nothing and silently unties it);
@@ -43,7 +43,7 @@ def select_targets(
     layers: TargetGraph | Iterable[Target],
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
-    keep_dense: Sequence[str] = (),
+    keep_dense: Sequence[str | tuple[str, str]] = (),
     overrides: Sequence[Override] = (),
 ) -> Selection:
     """Split ``layers`` into those to compress (with per-layer params) and those kept dense."""
@@ -54,8 +54,8 @@ def select_targets(
     for layer in layers:
         if (pattern := _first_match(layer, exclude)) is not None:
             dense[layer.name] = f"excluded by {pattern!r}"
-        elif (pattern := _first_match(layer, keep_dense)) is not None:
-            dense[layer.name] = f"kept dense by default ({pattern!r})"
+        elif (reason := _kept(layer, keep_dense)) is not None:
+            dense[layer.name] = reason
         elif _first_match(layer, include) is None:
             dense[layer.name] = "not matched by any include pattern"
 
@@ -92,6 +92,16 @@ def parse_override(text: str) -> Override:
             raise CompressKitError(f"bits must be between 1 and 16 in layer override {text!r}, got {bits}")
         params["bits"] = bits
     return pattern, params
+
+
+def _kept(layer: Target, keep_dense: Sequence[str | tuple[str, str]]) -> str | None:
+    """Why ``layer`` is kept dense: the reason given with the first matching ``(pattern, reason)``,
+    or a plain pattern's default wording; None when no pattern matches."""
+    for entry in keep_dense:
+        pattern, reason = (entry, f"kept dense by default ({entry!r})") if isinstance(entry, str) else entry
+        if _matches(layer, pattern):
+            return reason
+    return None
 
 
 def _matches(layer: Target, pattern: str) -> bool:

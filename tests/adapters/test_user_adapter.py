@@ -3,16 +3,15 @@ import torch
 from safetensors.torch import save_file
 
 import compresskit
-from compresskit import CompressConfig
-from compresskit.calib import Calibrator, CalibrationConfig
-from compresskit.nn import QuantizedLinear
+from compresskit import CalibrationConfig, CompressConfig
+from compresskit.nn import is_quantized
 
 # ---- the adapter exactly as in docs/adapters.md (not registered: tests must not leak names) ----
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from compresskit.adapters import Adapter, LoadedModel, register_adapter
+from compresskit.adapters import Adapter, DataSpec, EvalSpec, LoadedModel, Option
 from compresskit.errors import CompressKitError
 
 
@@ -30,6 +29,8 @@ class TinyMLP(nn.Module):
 
 class TinyMLPAdapter(Adapter):
     keep_dense = (("head", "one output row: nothing to gain, and every error lands in the prediction"),)
+    primary_metric = "mse"
+    eval_options = {"n_points": Option(4096, "points in the evaluation set")}
 
     def load(self, spec):
         if spec is None:
@@ -49,16 +50,16 @@ class TinyMLPAdapter(Adapter):
         x = torch.randn(n, 64, generator=gen)
         return x, x.sum(dim=1, keepdim=True)
 
-    def calibration_batches(self, loaded, source, n_samples, seq_len, seed=0):
-        x, _ = self._data(n_samples, seed=1000 + seed)   # evaluation uses seed 0: disjoint
+    def calibration_batches(self, loaded, data: DataSpec):
+        x, _ = self._data(data.n_samples, seed=1000 + data.seed)  # evaluation uses seed 0: disjoint
         return [{"x": row.unsqueeze(0)} for row in x]
 
     def task_loss(self, model, batch):
         x = batch["x"]
         return nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True))
 
-    def evaluate(self, loaded, source=None, n_tokens=8192, window=512):
-        x, y = self._data(n_tokens, seed=0)
+    def evaluate(self, loaded, spec: EvalSpec):
+        x, y = self._data(spec.options["n_points"], seed=0)
         with torch.no_grad():
             return {"mse": nn.functional.mse_loss(loaded.model(x), y).item()}
 
@@ -69,26 +70,17 @@ def test_user_adapter_end_to_end(tmp_path):
     save_file(TinyMLP().state_dict(), str(path))
     adapter = TinyMLPAdapter()
     loaded = adapter.load(str(path))
-    before = adapter.evaluate(loaded)
+    before = adapter.evaluate(loaded, adapter.eval_spec())
 
-    calibrator = Calibrator(
-        adapter.blocks(loaded.model),
-        adapter.calibration_batches(loaded, None, n_samples=64, seq_len=1),
-        adapter.task_loss,
-        CalibrationConfig(),
-    )
-    args, kwargs = adapter.example_inputs(loaded)
+    # GPTQ at 3 bits, calibrated block by block on 64 of the adapter's samples
     report = compresskit.compress(
-        loaded.model,
-        CompressConfig(method="gptq", bits=3),
-        example_args=args, example_kwargs=kwargs,
-        keep_dense=[pattern for pattern, _ in adapter.keep_dense],
-        calibration=calibrator,
+        loaded, CompressConfig(method="gptq", bits=3), adapter=adapter,
+        calibration=CalibrationConfig(n_samples=64),
     )
-    after = adapter.evaluate(loaded)
+    after = adapter.evaluate(loaded, adapter.eval_spec())
     assert report.graph_method == "symbolic_trace"
-    assert all(isinstance(loaded.model.layers[i], QuantizedLinear) for i in range(4))
-    assert type(loaded.model.head) is torch.nn.Linear  # kept dense by the adapter
+    assert all(is_quantized(loaded.model.layers[i], "weight") for i in range(4))
+    assert not is_quantized(loaded.model.head, "weight") and "head" in report.kept_dense  # kept dense by the adapter
     assert after["mse"] < 10 * max(before["mse"], 1e-3)
 
     compresskit.save(loaded.model, report, tmp_path / "out", source={"model": str(path)})
@@ -96,3 +88,34 @@ def test_user_adapter_end_to_end(tmp_path):
     x = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(restored(x), loaded.model(x), rtol=0, atol=0)
+
+
+def test_without_an_adapter_calibration_runs_layer_by_layer_on_the_callers_inputs():
+    torch.manual_seed(0)
+    model = TinyMLP().eval()
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(64, 64, generator=g) * torch.logspace(0, -2, 64)  # correlated inputs: GPTQ has room to win
+    data = [{"x": torch.randn(128, 64, generator=g) @ A} for _ in range(4)]
+    x = torch.cat([b["x"] for b in data])
+    with torch.no_grad():
+        ref = model(x)
+    errors = {}
+    for name, calibration in (("weights only", None), ("layer objective", CalibrationConfig())):
+        m = TinyMLP().eval()
+        m.load_state_dict(model.state_dict())
+        compresskit.compress(m, CompressConfig(method="gptq", bits=2), calibration=calibration, calibration_data=data if calibration else None)
+        with torch.no_grad():
+            errors[name] = float((m(x) - ref).pow(2).mean())
+    assert errors["layer objective"] < 0.8 * errors["weights only"], errors
+
+
+def test_without_an_adapter_the_task_objective_is_one_clear_error():
+    import pytest
+
+    with pytest.raises(CompressKitError, match="needs an adapter"):
+        compresskit.compress(
+            TinyMLP(), CompressConfig(method="pq", bits=2),
+            calibration=CalibrationConfig(m_objective="task", em_rounds=1, m_steps=2), calibration_data=[{"x": torch.randn(4, 64)}],
+        )
+    with pytest.raises(CompressKitError, match="calibration needs data"):
+        compresskit.compress(TinyMLP(), CompressConfig(method="pq", bits=2), calibration=CalibrationConfig())
