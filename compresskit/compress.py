@@ -177,8 +177,8 @@ def _compress_from_weight(model: nn.Module, target: Target, quantizer, by_name: 
     holders = [by_name[n] for n in target.tied_to if n in by_name]
     qt = quantize_tensor(owner, target.attr, quantizer, target.layout)
     for other in holders:
-        if other.layout != target.layout:
-            raise CompressKitError(f"{target.name!r} and {other.name!r} share a tensor in different layouts; keep one of them dense")
+        if other.layout.out_axis != target.layout.out_axis:  # how inputs reach them may differ (embedding, head)
+            raise CompressKitError(f"{target.name!r} and {other.name!r} share a tensor stored in different layouts; keep one of them dense")
         share_tensor(model.get_submodule(other.owner), other.attr, qt)
     report = layer_report(target, quantizer, W, time.perf_counter() - start)
     if holders:
