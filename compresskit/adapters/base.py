@@ -236,5 +236,10 @@ def adapter_for(spec: str | None) -> type[Adapter]:
     found = [cls for cls in available_adapters().values() if cls.recognises(spec)]
     if not found:
         names = ", ".join(available_adapters())
+        if spec is not None and not Path(spec).expanduser().exists():
+            raise CompressKitError(
+                f"model {spec!r} not found: it is no local file or directory, and no adapter ({names}) knows it as an "
+                "alias or a hub id in the local cache; check the path, or copy the model here"
+            )
         raise CompressKitError(f"no adapter recognises the model {spec!r}; pass --adapter NAME (available: {names})")
     return found[0]

@@ -98,8 +98,9 @@ class CalibrationConfig:
             raise CompressKitError(f"calibration data must be one of {', '.join(DATA_KINDS)}, got {self.data!r}")
         if self.m_objective not in OBJECTIVES:
             raise CompressKitError(f"m_objective must be one of block, task, distill (or None), got {self.m_objective!r}")
-        if self.n_samples < 1 or self.batch_size < 1 or self.m_batch < 1:
-            raise CompressKitError("n_samples, batch_size and m_batch must be >= 1")
+        for name in ("n_samples", "batch_size", "m_batch"):
+            if getattr(self, name) < 1:
+                raise CompressKitError(f"calibration setting {name} must be >= 1, got {getattr(self, name)!r}")
         if not self.asym_damp > 0:
             raise CompressKitError(f"asym_damp must be > 0, got {self.asym_damp!r}")
         self._check_no_dead_settings(defaults)
@@ -113,6 +114,10 @@ class CalibrationConfig:
             if hit:
                 raise CompressKitError(f"{', '.join(hit)} would do nothing: {why}")
 
+        if self.data == "zero-data":
+            if self.m_objective in ("task", "distill"):
+                raise CompressKitError("zero-data calibration has no real data for a task or distillation loss: use m_objective 'block'")
+            refuse({"source"}, "zero-data calibration reads no data source")
         if self.m_objective is None:
             refuse({"m_steps", "lr", "weight_decay", "m_samples", "m_batch", "soft_candidates", "entropy_weight", "logit_lr"},
                    "they set the M-step, and no m_objective is chosen (block, task or distill)")
@@ -130,10 +135,6 @@ class CalibrationConfig:
             refuse({"tau_dead"}, "dead centroids are re-initialised in whole-model EM rounds (em_rounds >= 1)")
         if not self.asymmetric:
             refuse({"asym_damp"}, "it regularises asymmetric targets, and asymmetric is off")
-        if self.data == "zero-data":
-            if self.m_objective in ("task", "distill"):
-                raise CompressKitError("zero-data calibration has no real data for a task or distillation loss: use m_objective 'block'")
-            refuse({"source"}, "zero-data calibration reads no data source")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -67,7 +67,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(capsys, argv, message):
 @pytest.mark.parametrize("command", ["estimate", "eval", "info"])
 def test_calibration_options_only_on_quantize(capsys, command):
     code, out, _ = run(capsys, command, "--help")
-    assert code == 0 and "--sequential" not in out and "--one-stage" not in out
+    assert code == 0 and "--calib-set" not in out and "--preset" not in out
 
 
 def test_console_script_exit_code():

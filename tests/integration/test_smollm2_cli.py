@@ -23,24 +23,24 @@ def test_quantize_save_reload_eval_info(tmp_path):
     out = tmp_path / "smol-pq3"
     proc = cli(
         "quantize", "--method", "pq", "--bits", "3", "--include", "model.layers.0.*", "--include", "model.layers.1.*",
-        "--override", "model.layers.1.mlp.*=rtn:4", "--eval-tokens", "512", "--calib", "none", "--out", str(out), "--json",
+        "--override", "model.layers.1.mlp.*=rtn:4", "--option", "eval_tokens=512", "--preset", "none", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["params"] == {"pool": False, "row_scale": True}  # the LLaMA adapter's measured defaults for pq
+    assert result["params"] == {"pool": False, "row_scale": True}  # the LM adapter's measured defaults for pq
     report = result["report"]
     assert report["graph_method"] == "export"  # symbolic_trace cannot trace transformers' LLaMA
     assert report["n_layers_compressed"] == 14
     methods = {layer["name"]: layer["method"] for layer in report["layers"]}
     assert methods["model.layers.1.mlp.down_proj"] == "rtn" and methods["model.layers.0.mlp.down_proj"] == "pq"
-    assert "lm_head" in report["kept_dense"] or "model.embed_tokens" in report["kept_dense"]
+    assert "lm_head" in report["kept_dense"] and "--embeddings" in report["kept_dense"]["lm_head"]
     before, after = report["metrics"]["before"]["perplexity"], report["metrics"]["after"]["perplexity"]
     assert 5 < before < 50 and after > before * 0.98  # compressing two blocks can only cost a little
     assert after < before * 3
     # the saved model evaluates to exactly the perplexity measured in memory
-    again = json.loads(cli("eval", str(out), "--tokens", "512", "--json").stdout)
+    again = json.loads(cli("eval", str(out), "--option", "eval_tokens=512", "--json").stdout)
     assert again["metrics"]["perplexity"] == pytest.approx(after, rel=1e-6)
     info = json.loads(cli("info", str(out), "--json").stdout)
-    assert info["source"]["adapter"] == "llama" and len(info["layers"]) == 14
+    assert info["source"]["adapter"] == "lm" and len(info["layers"]) == 14
     assert info["totals"]["compressed_bytes"] == pytest.approx(report["compressed_bytes"])
 
 
@@ -51,10 +51,15 @@ def test_quantize_save_reload_eval_info(tmp_path):
         (["quantize", "--method", "rtn", "--bits", "12"], "bits must be an integer from 1 to 8"),
         (["quantize", "--model", "/no/such/model"], "not found"),
         (["quantize", "--model", "llama2-7b"], "huggingface-cli download"),
-        (["quantize", "--calib", "sometimes"], "--calib"),
-        (["quantize", "--soft-candidates", "4"], "--soft-candidates trains in the block M-step"),
-        (["quantize", "--local-rounds", "-1"], "local_rounds must be >= 0"),
-        (["quantize", "--m-batch", "0"], "--m-batch >= 1"),
+        (["quantize", "--preset", "sometimes"], "unknown calibration preset 'sometimes'"),
+        (["quantize", "--calib-set", "soft_candidates=4"], "soft_candidates would do nothing"),
+        (["quantize", "--calib-set", "local_rounds=-1"], "local_rounds must be >= 0"),
+        (["quantize", "--calib-set", "m_batch=0"], "m_batch must be >= 1"),
+        (["quantize", "--calib-set", "lr=0.001"], "lr would do nothing"),
+        (["quantize", "--preset", "zero-data", "--calib-set", "m_objective=task", "--calib-set", "em_rounds=1"], "zero-data calibration has no real data"),
+        (["quantize", "--preset", "none", "--calib-samples", "4"], "--calib-samples would do nothing with --preset none"),
+        (["quantize", "--method", "gptq", "--calib-set", "local_rounds=1"], "local_rounds would do nothing"),
+        (["quantize", "--option", "colour=3"], "has no option 'colour'"),
         (["quantize", "--bogus-option"], "No such option"),
         (["eval", "/no/such/dir"], "not found"),
     ],
@@ -72,10 +77,10 @@ def test_quantize_with_calibration_on_two_blocks(tmp_path):
     out = tmp_path / "smol-gptq3"
     proc = cli(
         "quantize", "--method", "gptq", "--bits", "3", "--include", "model.layers.0.*", "--include", "model.layers.1.*",
-        "--calib-samples", "4", "--calib-seq-len", "128", "--eval-tokens", "512", "--out", str(out), "--json",
+        "--calib-samples", "4", "--option", "seq_len=128", "--option", "eval_tokens=512", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["calibration"]["mode"] == "data"
+    assert result["calibration"]["preset"] == "fast" and result["calibration"]["data"] == "data"
     before, after = (result["report"]["metrics"][k]["perplexity"] for k in ("before", "after"))
     assert after < before * 2
 
@@ -85,11 +90,11 @@ def test_pq_layerwise_em_with_activations_on_disk(tmp_path):
     out, acts = tmp_path / "smol-pq2", tmp_path / "acts"
     proc = cli(
         "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.[01].*", "--calib-samples", "2",
-        "--calib-seq-len", "64", "--local-rounds", "1", "--offload-activations", str(acts), "--eval-tokens", "512",
+        "--option", "seq_len=64", "--calib-set", "local_rounds=1", "--calib-set", f"offload_dir={acts}", "--option", "eval_tokens=512",
         "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["calibration"]["local_rounds"] == 1 and result["calibration"]["asymmetric"] is True
+    assert result["calibration"]["local_rounds"] == 1 and result["calibration"]["asymmetric_used"] is True
     assert result["calibration"]["sequential"] is True
     assert acts.is_dir() and list(acts.iterdir()) == []  # the activation files were removed
     layer = result["report"]["layers"][0]
@@ -101,12 +106,12 @@ def test_pq_layerwise_em_with_activations_on_disk(tmp_path):
 def test_zero_data_with_soft_assignments(tmp_path):
     out = tmp_path / "smol-zd"
     proc = cli(
-        "quantize", "--method", "pq", "--bits", "3", "--include", "model.layers.0.self_attn.*", "--calib", "zero-data",
-        "--calib-samples", "2", "--calib-seq-len", "32", "--m-steps", "4", "--soft-candidates", "2", "--local-rounds", "0",
-        "--eval-tokens", "512", "--out", str(out), "--json",
+        "quantize", "--method", "pq", "--bits", "3", "--include", "model.layers.0.self_attn.*", "--preset", "zero-data",
+        "--calib-samples", "2", "--option", "seq_len=32", "--calib-set", "m_steps=4", "--calib-set", "soft_candidates=2",
+        "--calib-set", "local_rounds=0", "--option", "eval_tokens=512", "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
-    assert result["calibration"]["mode"] == "zero-data" and result["calibration"]["soft_candidates"] == 2
+    assert result["calibration"]["data"] == "zero-data" and result["calibration"]["soft_candidates"] == 2
     assert result["calibration"]["m_objective"] == "block"
     after = result["report"]["metrics"]["after"]["perplexity"]
     assert after == after and after < 1e4  # finite
@@ -117,9 +122,10 @@ def test_task_loss_em_round(tmp_path, objective):
     """The whole-model M-step: next-token loss, or KL to the uncompressed model's predictions."""
     out = tmp_path / "smol-em"
     proc = cli(
-        "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.0.self_attn.*", "--calib-samples", "2",
-        "--calib-seq-len", "32", "--local-rounds", "0", "--em-rounds", "1", "--m-steps", "2", "--m-samples", "3",
-        "--m-batch", "2", "--m-objective", objective, "--eval-tokens", "512", "--out", str(out), "--json",
+        "quantize", "--method", "pq", "--bits", "2", "--include", "model.layers.0.self_attn.*", "--preset", "best",
+        "--calib-samples", "2", "--option", "seq_len=32", "--calib-set", "local_rounds=0", "--calib-set", "m_steps=2",
+        "--calib-set", "m_samples=3", "--calib-set", f"m_objective={objective}", "--option", "eval_tokens=512",
+        "--out", str(out), "--json",
     )
     result = json.loads(proc.stdout)
     assert result["calibration"]["em_rounds"] == 1 and result["calibration"]["m_objective"] == objective
