@@ -2,8 +2,6 @@
 ``recognises``, no ``--adapter``), save, ``compresskit.load``, ``eval``; GPT-2's Conv1D compressed;
 layers keep their class; greedy generation identical before and after the round trip; ``--embeddings``
 compresses a tied embedding once.
-
-These drive the core of docs/core.md (``--option``, parametrized targets) and skip until it is in the tree.
 """
 from __future__ import annotations
 
@@ -24,9 +22,7 @@ import compresskit  # noqa: E402
 from compresskit.adapters import CausalLMAdapter  # noqa: E402
 from compresskit.cli.main import main  # noqa: E402
 
-from tiny_lms import ARCHS, TIED, WAITS_FOR_CORE, core_has_landed  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not core_has_landed(), reason=WAITS_FOR_CORE)
+from tiny_lms import ARCHS, TIED  # noqa: E402
 
 EVAL = ["--option", "eval_tokens=64", "--option", "window=32"]
 PROMPT = torch.tensor([[5, 17, 42, 7, 99, 3]])  # [1, 6] token ids, any vocabulary above 100

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from compresskit.adapters import CausalLMAdapter  # noqa: E402
 
-from tiny_lms import ARCHS, WAITS_FOR_CORE, core_has_landed  # noqa: E402
+from tiny_lms import ARCHS  # noqa: E402
 
 ADAPTER = CausalLMAdapter()
 IDS = torch.tensor([[1, 5, 9, 200, 3]])
@@ -47,7 +47,6 @@ def test_dense_export_is_an_ordinary_checkpoint(loaded, tmp_path):
     torch.testing.assert_close(logits(plain), logits(loaded.model), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not core_has_landed(), reason=WAITS_FOR_CORE)
 def test_dense_export_of_a_compressed_model(saved, tmp_path):
     """The compressed model (parametrized weights) exports to plain transformers tensors that
     compute what it computes, for every architecture (GPT-2's Conv1D included)."""

@@ -53,14 +53,3 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([load_text()[:20000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
-
-
-def core_has_landed() -> bool:
-    """The core of docs/core.md (compression by parametrize, ``compresskit.nn.QuantizedTensor``) is in
-    this tree. Tests that drive compression end to end wait for it and skip until then."""
-    import compresskit.nn
-
-    return hasattr(compresskit.nn, "QuantizedTensor")
-
-
-WAITS_FOR_CORE = "waits for the core of docs/core.md (compress(..., adapter=), parametrized targets, --option)"
