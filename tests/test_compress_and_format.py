@@ -149,3 +149,55 @@ def test_an_explicit_override_too_big_for_its_layer_is_an_error():
     config = CompressConfig(method="rtn", bits=4, overrides=(("conv", {"method": "vq", "bits": 2}),))
     with pytest.raises(CompressKitError, match="layer 'conv'"):
         compresskit.compress(make(), config, example_inputs=(inputs(), {}))
+
+
+class Scene(nn.Module):
+    """A module whose compressible state is bare tensors, not layers (as a 3DGS scene's attributes)."""
+
+    def __init__(self, n=512):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.colours = nn.Parameter(torch.randn(n, 12, generator=g))
+        self.register_buffer("scales", torch.randn(n, 3, generator=g))
+        self.mix = nn.Linear(15, 4)
+
+    def forward(self, idx):
+        return self.mix(torch.cat([self.colours[idx], self.scales[idx]], dim=-1))
+
+
+class SceneAdapter(compresskit.adapters.Adapter):
+    name = "scene-test"
+
+    def load(self, spec):
+        return compresskit.adapters.LoadedModel(Scene().eval(), "scene", "scene")
+
+    def calibration_batches(self, loaded, data):
+        return [{"idx": torch.arange(8)}]
+
+    def evaluate(self, loaded, spec):
+        return {}
+
+    def extra_targets(self, model):
+        from compresskit.targets import Layout
+
+        return {"colours": Layout(inputs="none"), "scales": Layout(inputs="none")}
+
+
+def test_bare_tensors_from_the_adapter_are_targets_and_round_trip(tmp_path):
+    from compresskit.nn import quantized_tensors
+
+    adapter = SceneAdapter()
+    loaded = adapter.load(None)
+    config = CompressConfig(method="pq", bits=2, params={"pool": False}, overrides=(("scales", {"method": "rtn", "bits": 4}),))
+    report = compresskit.compress(loaded, config, adapter=adapter)
+    assert set(quantized_tensors(loaded.model)) == {"mix", "colours", "scales"}
+    assert {layer.name: layer.method for layer in report.layers} == {"mix": "pq", "colours": "pq", "scales": "rtn"}
+    idx = torch.arange(20)
+    with torch.no_grad():
+        ref = loaded.model(idx)
+    compresskit.save(loaded.model, report, tmp_path / "s", source={"model": "scene"})
+    manifest = read_manifest(tmp_path / "s")
+    assert manifest["layers"]["scales"]["owner"] == "" and manifest["layers"]["scales"]["attr"] == "scales"
+    restored = compresskit.load(tmp_path / "s", model=Scene(n=512))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(idx), ref, rtol=0, atol=0)

@@ -178,3 +178,27 @@ def test_a_quantizer_without_codebooks_gets_one_clear_error(make):
         with pytest.raises(CompressKitError, match=f"^{step}: the {q.name} quantizer does not support codebook updates") as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_the_front_door_calibrates_a_registered_quantizer_by_what_it_declares(scalar_cb):
+    """Through compress(): the walk gives the test-only quantizer the E-step and layer-wise rounds
+    (it declares supports_codebook_update), and the output error falls against weights-only fitting."""
+    from compresskit import CalibrationConfig, CompressConfig
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16)).eval()
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(32, 32, generator=g) * torch.logspace(0, -2, 32)  # correlated inputs
+    data = [{"input": torch.randn(256, 32, generator=g) @ A} for _ in range(2)]
+    x = torch.cat([b["input"] for b in data])
+    with torch.no_grad():
+        ref = base(x)
+    errors = {}
+    for label, calibration in (("weights", None), ("calibrated", CalibrationConfig())):
+        model = copy.deepcopy(base)
+        report = compresskit.compress(model, CompressConfig(method=NAME, bits=2), calibration=calibration,
+                                      calibration_data=data if calibration else None)
+        assert {layer.method for layer in report.layers} == {NAME}
+        with torch.no_grad():
+            errors[label] = float((model(x) - ref).pow(2).mean())
+    assert errors["calibrated"] < 0.9 * errors["weights"], errors
