@@ -18,7 +18,8 @@ def print_json(data: Any) -> None:
 
 
 def error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: messages hold brackets ("pip install 'compresskit[lm]'", shapes) that rich would eat as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _mb(n_bytes: float) -> str:
@@ -78,6 +79,20 @@ def quantize_summary(result: dict[str, Any]) -> None:
     if result.get("out"):
         t.add_row("saved to", result["out"])
     console.print(t)
+    _notes("adapted to their shape", rep.get("notes", {}))
+    reasons: dict[str, list[str]] = {}
+    for name, why in rep.get("kept_dense", {}).items():
+        reasons.setdefault(why, []).append(name)
+    _notes("kept dense", {", ".join(names): why for why, names in reasons.items()})
+
+
+def _notes(title: str, notes: dict[str, str]) -> None:
+    """One line per entry under a heading: which targets, and why (whole names, never cut)."""
+    if not notes:
+        return
+    console.print(f"[bold]{title}:[/]")
+    for names, why in notes.items():
+        console.print(f"  {escape(names)}: {escape(why)}", soft_wrap=True, highlight=False)
 
 
 def info_table(manifest: dict[str, Any], out: Console | None = None) -> None:
