@@ -123,7 +123,9 @@ class Adapter(ABC):
     @classmethod
     def recognises(cls, spec: str | None) -> bool:
         """Can this adapter load ``spec`` (by alias, file type, config class)? Used to pick the
-        adapter when the user names none; it must be cheap and never load weights."""
+        adapter when the user names none; it must be cheap and never load weights. When ``spec`` has
+        this family's form but a package needed to look further is missing, raise the one-line
+        :class:`CompressKitError` naming the extra to install."""
         return False
 
     def blocks(self, model: nn.Module) -> list[str] | None:

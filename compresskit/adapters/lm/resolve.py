@@ -90,10 +90,9 @@ def recognises(spec: str | None) -> bool:
         return len(list(path.glob("*.gguf"))) == 1
     if path.exists() or spec.count("/") != 1:
         return False
-    try:
-        snapshot = cached_snapshot(spec)
-    except CompressKitError:  # huggingface_hub missing: nothing can be in its cache
-        return False
+    # a hub id: looking in the cache needs huggingface_hub; without it, say which extra brings it
+    # (it raises CompressKitError naming the extra) rather than "not found"
+    snapshot = cached_snapshot(spec)
     return snapshot is not None and is_causal_lm_config(snapshot / "config.json")
 
 
