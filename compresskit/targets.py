@@ -115,14 +115,12 @@ def register_layout(module_type: type[nn.Module], layout: Layout, kind: str = "l
 
 
 def module_layout(module: nn.Module, extra: dict[type[nn.Module], tuple[str, Layout]] | None = None) -> tuple[str, Layout] | None:
-    """``(kind, layout)`` of a compressible layer, or None (also for one compressed already).
+    """``(kind, layout)`` of a module whose ``weight`` is a compressible layer's, or None.
 
     ``extra`` are an adapter's layouts (:meth:`Adapter.layouts`); they and registered types win over
     the built-ins, so a family can describe its own subclass of a built-in type.
     """
-    from compresskit.nn import is_quantized
-
-    if is_quantized(module, "weight") or not isinstance(getattr(module, "weight", None), torch.Tensor):
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
         return None
     for cls in type(module).__mro__:
         if extra and cls in extra:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from compresskit.errors import CompressKitError
+from compresskit.nn import is_quantized
 from compresskit.targets import Layout, Target, module_layout
 
 Layouts = dict[type[nn.Module], tuple[str, Layout]]
@@ -49,8 +50,9 @@ class TargetGraph:
 
 
 def layer_kind(module: nn.Module, layouts: Layouts | None = None) -> str | None:
-    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` (or a registered kind), None when not a layer."""
-    found = module_layout(module, layouts)
+    """``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"embedding"`` (or a registered kind), None when not a
+    layer or compressed already."""
+    found = None if is_quantized(module, "weight") else module_layout(module, layouts)
     return None if found is None else found[0]
 
 
@@ -123,9 +125,10 @@ class _Tree:
         self.tied = {name: [n for n in group if n != name] for group in sharing.values() for name in group}
 
     def kind(self, module: nn.Module) -> tuple[str, Layout] | None:
+        """The layer's kind and layout; None for a module that is no layer or is compressed already."""
         key = id(module)
         if key not in self.kinds:
-            self.kinds[key] = module_layout(module, self.layouts)
+            self.kinds[key] = None if is_quantized(module, "weight") else module_layout(module, self.layouts)
         return self.kinds[key]
 
     def _bare_tensors(self, model: nn.Module, tensors: dict[str, Layout]) -> dict[str, tuple[str, str, Layout]]:
