@@ -1,13 +1,18 @@
 """Task-loss M-step settings, compared from one saved walk (the walk runs once, not per setting).
 
-Loads a model saved by ``compresskit quantize`` (the block walk, no EM round), runs the calibrator's
-task-loss M-step (AdamW on every codebook and row scale, next-token loss) with the given settings,
-and prints one JSON line: the settings, the loss every few steps, and perplexity on the pydoc
-evaluation slice and on each ``--eval-extra`` text. It leaves out the EM round's re-init and E-step
-(``bench/smollm2_rd.py --em-rounds 1`` runs the whole round).
+Loads a model saved by ``compresskit quantize`` (its default preset ``fast``: the block walk, no EM
+round), runs the calibrator's task-loss M-step (AdamW on every codebook and row scale, next-token
+loss) with the given settings, and prints one JSON line: the settings, the loss every few steps, and
+perplexity on the pydoc evaluation slice and on each ``--eval-extra`` text. It leaves out the EM
+round's re-init and E-step (``bench/smollm2_rd.py --em-rounds 1`` runs the whole round).
 
     compresskit quantize --method pq --bits 1 --param pool=false --param row_scale=true --out /tmp/pq1
     python bench/mstep_sweep.py /tmp/pq1 --m-steps 64 --m-batch 2 --m-samples 64 --lr 5e-4
+
+The settings become a :class:`~compresskit.CalibrationConfig` with ``m_objective`` ``--objective``
+and one EM round (the round whose M-step this runs); the M-step's sequences are drawn with
+``--seed`` (not the config's ``seed + 1``, as the whole round would), so rows stay comparable with
+``docs/smollm2_mstep_sweep.jsonl``.
 """
 from __future__ import annotations
 
@@ -35,16 +40,22 @@ def main() -> None:
     p.add_argument("--eval-extra", action="append", default=[], metavar="FILE", help="also evaluate on this text")
     args = p.parse_args()
 
-    from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
-    from compresskit.cli.run import _batched  # noqa: PLC2701
+    from compresskit import CalibrationConfig
+    from compresskit.calib.calibrator import Calibrator, batched
     from compresskit.io import load_compressed
 
     torch.manual_seed(0)
     loaded, adapter = load_compressed(args.path)
     model = loaded.model
-    batches = _batched(adapter.calibration_batches(loaded, None, args.m_samples, args.seq_len, seed=args.seed), args.m_batch)
-    config = CalibConfig(m_steps=args.m_steps, lr=args.lr)
-    calibrator = BlockwiseCalibrator(adapter.blocks(model), batches, adapter.task_loss, config, m_batches=batches)
+    spec = adapter.calib_spec(None, args.m_samples, args.seed, options={"seq_len": args.seq_len})
+    batches = batched(adapter.calibration_batches(loaded, spec), args.m_batch)
+    config = CalibrationConfig(
+        m_objective=args.objective, em_rounds=1, m_steps=args.m_steps, lr=args.lr, m_samples=args.m_samples,
+        m_batch=args.m_batch, options={"seq_len": args.seq_len},
+    ).validated()
+    distill = (adapter.distill_targets, adapter.distill_loss) if args.objective == "distill" else None
+    calibrator = Calibrator(adapter.blocks(model), batches, adapter.task_loss, config, m_batches=batches, distill=distill,
+                            clean=adapter.clean_block_call)
     teacher = {}
     if args.objective == "distill":
         fp = adapter.load(args.model).model
@@ -61,6 +72,9 @@ def main() -> None:
         losses.append(round(loss.item(), 4))
         return loss
 
+    def eval_spec(source: str | None):
+        return adapter.eval_spec(source, options={"eval_tokens": args.eval_tokens})
+
     t0 = time.perf_counter()
     calibrator._optimise(model, loss_fn)  # noqa: SLF001
     seconds = time.perf_counter() - t0
@@ -70,9 +84,8 @@ def main() -> None:
         "path": args.path, "m_steps": args.m_steps, "lr": args.lr, "m_samples": args.m_samples, "m_batch": args.m_batch,
         "norm_lr": args.norm_lr, "objective": args.objective, "seconds_m_step": round(seconds, 1),
         "losses": losses[:: max(1, len(losses) // 8)] + losses[-1:],
-        "perplexity": adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)["perplexity"],
-        "perplexity_extra": {src.rsplit("/", 1)[-1]: adapter.evaluate(loaded, src, n_tokens=args.eval_tokens)["perplexity"]
-                             for src in args.eval_extra},
+        "perplexity": adapter.evaluate(loaded, eval_spec(None))["perplexity"],
+        "perplexity_extra": {src.rsplit("/", 1)[-1]: adapter.evaluate(loaded, eval_spec(src))["perplexity"] for src in args.eval_extra},
     }
     print(json.dumps(row), flush=True)
 

@@ -1,4 +1,5 @@
-"""The rate-distortion grid: one cell per kind of method and nominal bits, from bench/smollm2_rd.py rows.
+"""The rate-distortion grid: one cell per kind of method and nominal bits, from bench/smollm2_rd.py rows
+(the grid and its plot on the results page, docs/BENCHMARKS.md).
 
     python bench/rd_grid.py docs/smollm2_rd_*.jsonl [--png docs/smollm2_rd_grid.png]
 
@@ -8,7 +9,8 @@ cell shows the lowest pydoc perplexity measured for that kind at that nominal bi
 all-in bits/weight over the compressed layers and its perplexity on the licence text when measured.
 Calibrated rows written before the KV-cache fix (they have no ``asymmetric`` field) are left out.
 A second table lists the same cells one per row, with size, the ratio to FP on both texts and the
-compression time; every row's full settings are in the per-file tables of docs/BENCHMARKS.md.
+compression time; every row's full settings are in the per-file tables of docs/LAB_LOG.md
+(``bench/rd_table.py``).
 """
 import json
 import sys

@@ -1,4 +1,4 @@
-"""Markdown table from the JSON lines written by bench/smollm2_rd.py (for docs/BENCHMARKS.md).
+"""Markdown table from the JSON lines written by bench/smollm2_rd.py (the per-file tables of docs/LAB_LOG.md).
 
     python bench/rd_table.py docs/smollm2_rd_uncalibrated.jsonl
     python bench/rd_table.py docs/smollm2_rd_calibrated.jsonl --fp-from docs/smollm2_rd_uncalibrated.jsonl

