@@ -28,8 +28,10 @@ def build_calibrator(
     if data is not None:
         if not data or not all(isinstance(b, dict) for b in data):
             raise CompressKitError("calibration_data must be a non-empty list of keyword-argument dicts for model(**batch)")
-        if config.data == "zero-data" or config.source is not None or config.options:
-            raise CompressKitError("with calibration_data given, leave the config's data, source and options at their defaults")
+        defaults = CalibrationConfig()
+        unused = [k for k in ("data", "source", "options", "n_samples", "batch_size", "m_samples", "m_batch") if getattr(config, k) != getattr(defaults, k)]
+        if unused:
+            raise CompressKitError(f"{', '.join(unused)} would do nothing: calibration_data is used as given, one model call per batch")
         batches, m_batches = list(data), None
     elif adapter is None:
         raise CompressKitError("calibration needs data: pass calibration_data=[{...model kwargs...}] or an adapter")

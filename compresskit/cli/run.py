@@ -114,6 +114,8 @@ def build_configs(req: QuantizeRequest, adapter):
         raise CompressKitError("--calib-data and --eval-data are the same; evaluation must not see calibration data")
     if req.export not in (None, "dense"):
         raise CompressKitError(f"--export {req.export!r} is not supported; the only export is 'dense'")
+    if req.export == "dense" and not adapter.supports("export_dense"):
+        raise CompressKitError(f"the {adapter.name!r} adapter has no dense export; leave out --export")
     return config, calibration, eval_spec
 
 
@@ -154,7 +156,8 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     with _step(f"saving to {out}", quiet):
         io.save(
             loaded.model, report, out, source=source, overwrite=req.overwrite,
-            save_architecture=lambda d: adapter.save_architecture(loaded, d),
+            # an adapter that cannot rebuild its model still gets a loadable directory (load(dir, model=...))
+            save_architecture=(lambda d: adapter.save_architecture(loaded, d)) if adapter.supports("save_architecture") else None,
             export_dense=(lambda d: adapter.export_dense(loaded, d)) if req.export == "dense" else None,
         )
     return {

@@ -87,7 +87,7 @@ class CausalLMAdapter(Adapter):
             {"pool": False, "row_scale": True},
             "DPQ's shared codebook pool was sized for DiT-scale layers; on a small LM's narrower layers it "
             "merges too much and perplexity suffers at the same bits/weight, and row scales let codebooks "
-            "shared by rows of unequal size fit them all (docs/BENCHMARKS.md has the measurements); pass "
+            "shared by rows of unequal size fit them all (docs/LAB_LOG.md has the measurements); pass "
             "--param pool=true --param row_scale=false for the paper's layout",
         )
     }
