@@ -62,8 +62,9 @@ def main() -> None:
         teacher = {j: adapter.distill_targets(fp, b) for j, b in enumerate(batches)}
         del fp
     norms = [q for n, q in model.named_parameters() if "norm" in n] if args.norm_lr > 0 else []
-    codebooks = calibrator._trainable  # noqa: SLF001
-    calibrator._trainable = lambda m: codebooks(m) + [(q, args.norm_lr / args.lr) for q in norms]  # noqa: SLF001
+    objective = calibrator.model_objective
+    codebooks = objective.trainable
+    objective.trainable = lambda m: codebooks(m) + [(q, args.norm_lr / args.lr) for q in norms]
     losses: list[float] = []
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ def main() -> None:
         return adapter.eval_spec(source, options={"eval_tokens": args.eval_tokens})
 
     t0 = time.perf_counter()
-    calibrator._optimise(model, loss_fn)  # noqa: SLF001
+    objective.optimise(model, loss_fn)
     seconds = time.perf_counter() - t0
     for q in norms:
         q.requires_grad_(False)

@@ -1,5 +1,9 @@
 """The calibrator: the walk (``walk.py``) and the objectives (``objectives.py``) composed, on data.
 
+It holds a :class:`Walk` (which uses a :class:`BlockObjective` when the block objective is chosen)
+and a :class:`ModelObjective` for the EM rounds after it; the parts share the per-target statistics
+the walk records for the EM rounds' E-step.
+
 :func:`compresskit.compress` builds one from a :class:`CalibrationConfig` and the family's data and
 calls :meth:`Calibrator.run`; the calibrator never names a family or a quantizer.
 """
@@ -12,16 +16,15 @@ from torch import nn
 
 from compresskit.calib.capture import Clean
 from compresskit.calib.config import CalibrationConfig
-from compresskit.calib.objectives import MSteps
-from compresskit.calib.offload import ActivationStore
-from compresskit.calib.walk import Walks
+from compresskit.calib.objectives import BlockObjective, ModelObjective
+from compresskit.calib.walk import Walk
 from compresskit.errors import CompressKitError
 
 Batch = dict[str, Any]
 Distill = tuple[Callable[[nn.Module, Batch], Any], Callable[[nn.Module, Batch, Any], torch.Tensor]]
 
 
-class Calibrator(Walks, MSteps):
+class Calibrator:
     """Compresses targets with activation statistics, then runs the configured EM rounds.
 
     ``blocks``: dotted names of the repeated blocks in execution order, or ``None`` (layer by layer);
@@ -44,32 +47,44 @@ class Calibrator(Walks, MSteps):
     ):
         if not batches:
             raise CompressKitError("calibration needs at least one calibration batch")
-        self.config = (config or CalibrationConfig()).validated()
+        self.config = config = (config or CalibrationConfig()).validated()
         self.blocks = list(blocks or [])
         self.batches = list(batches)
-        self.task_loss = task_loss
-        self.m_batches = list(m_batches) if m_batches else self.batches
-        self.distill = distill
-        self.clean = clean
-        if self.config.m_objective == "task" and task_loss is None:
+        if config.m_objective == "task" and task_loss is None:
             raise CompressKitError("m_objective 'task' needs the family's task loss; pass an adapter that has one")
-        if self.config.m_objective == "distill" and distill is None:
+        if config.m_objective == "distill" and distill is None:
             raise CompressKitError("m_objective 'distill' needs the family's distill_targets and distill_loss")
-        if self.config.m_objective == "block" and not self.blocks:
+        if config.m_objective == "block" and not self.blocks:
             raise CompressKitError("m_objective 'block' needs the model's blocks; this model has none (pass an adapter with blocks)")
-        # the uncompressed model's predictions, taken before the walk: batch index -> targets
-        self.teacher: dict[int, Any] = {}
-        self.m_teacher: dict[int, Any] = {}
-        # kept only for whole-model EM rounds: per codebook target, its Hessian and original weight
+        # per codebook target, its Hessian and original weight, kept only for whole-model EM rounds
         # (O(sum of n^2 + m n) floats, which is why they are not kept otherwise)
         self.hessians: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
-        self.block_losses: dict[str, float] = {}  # block M-step: its last loss
-        # relative squared error of each compressed block's output against the original model's
-        # (asymmetric walk) or the uncompressed block's on the same inputs (block M-step's teacher)
-        self.block_errors: dict[str, float] = {}
-        self.store = ActivationStore()  # replaced for each walk by one honouring offload_dir
-        self.asymmetric = False  # set by the walk: asymmetric targets were used (config asks, blocks chained)
+        self.walk = Walk(config, self.blocks, self.batches, clean, BlockObjective(config), self.hessians, self.originals)
+        self.model_objective = ModelObjective(
+            config, self.batches, list(m_batches) if m_batches else self.batches, task_loss, distill, self.hessians, self.originals
+        )
+
+    # what the parts measured, for callers that keep the calibrator
+    @property
+    def block_errors(self) -> dict[str, float]:
+        return self.walk.block_errors
+
+    @property
+    def block_losses(self) -> dict[str, float]:
+        return self.walk.block_losses
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.walk.asymmetric
+
+    @property
+    def m_batches(self) -> list[Batch]:
+        return self.model_objective.m_batches
+
+    @property
+    def m_teacher(self) -> dict[int, Any]:
+        return self.model_objective.m_teacher
 
     def run(self, model: nn.Module, targets: list, plan, compress_plain, report, progress=None) -> list:
         """Compress ``targets`` of ``model``; returns one report per compressed target.
@@ -78,14 +93,16 @@ class Calibrator(Walks, MSteps):
         compresses one from its weight alone, ``report(target, quantizer, W, seconds)`` describes a
         compressed one (all three come from :func:`compresskit.compress`).
         """
-        self._compress_plain, self._report = compress_plain, report
-        if self._distilling():
-            self._take_teacher(model)
-        with ActivationStore(self.config.offload_dir) as self.store:
-            reports = self._walk(model, targets, plan, progress)
+        if self.model_objective.distilling():
+            self.model_objective.take_teacher(model)
+        reports = self.walk.run(model, targets, plan, compress_plain, report, progress)
         for r in range(self.config.em_rounds):
             self.em_round(model, progress=progress, label=f"EM round {r + 1}/{self.config.em_rounds}")
         return reports
+
+    def em_round(self, model: nn.Module, progress=None, label: str = "EM round") -> float:
+        """One whole-model EM round (:meth:`ModelObjective.em_round`)."""
+        return self.model_objective.em_round(model, progress=progress, label=label)
 
 
 def batched(batches: list[Batch], size: int) -> list[Batch]:

@@ -3,9 +3,9 @@
 - **layer output** (:func:`fit_layer`): fit a layer's quantizer with its inputs' ``H = X^T X``: GPTQ's
   error feedback for a quantizer that ``uses_hessian``; for one that ``supports_codebook_update``,
   the activation-aware E-step and the layer-wise M-step (output-optimal centroids and row scales);
-- **block output** (:meth:`MSteps._block_m_step`): train one block's codebooks to reproduce the
+- **block output** (:class:`BlockObjective`): train one block's codebooks to reproduce the
   uncompressed block's output (hard codes, or VQ4DiT's soft candidate assignments);
-- **task loss / distillation** (:meth:`MSteps.em_round`, DPQ's EM round): M-step on the family's
+- **task loss / distillation** (:class:`ModelObjective`, DPQ's EM round): M-step on the family's
   task loss (or the distance to the uncompressed model's predictions recorded before the walk),
   dead-centroid re-initialisation, E-step; each guarded so that a round never makes a layer (or the
   calibration loss) worse.
@@ -15,12 +15,13 @@ never on its name, so a quantizer registered by another package gets every step 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from compresskit.calib.capture import run_call
+from compresskit.calib.offload import ActivationStore
 from compresskit.nn import QuantizedTensor, quantized_tensors
 
 
@@ -50,65 +51,68 @@ def codebook_tensors(model: nn.Module) -> dict[str, QuantizedTensor]:
     return {name: qt for name, (_, _, qt) in quantized_tensors(model).items() if qt.quantizer.supports_codebook_update}
 
 
-class MSteps:
-    """The M-step objectives, mixed into :class:`compresskit.calib.calibrator.Calibrator` (uses its
-    ``config``, ``store``, ``batches``, ``m_batches``, ``task_loss``, ``distill``, ``teacher``,
-    ``m_teacher``, ``hessians`` and ``originals``)."""
+def trainable_tensors(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+    """Every codebook/pool/row-scale tensor of ``model``'s codebook layers, with its learning-rate
+    multiplier. ``lr`` is in weight units (the DPQ setting, 1e-4, is for raw weights): centroids
+    of a row-scaled layer live in units of the row scale, so their step is ``lr / mean(scale)``,
+    which moves the rebuilt weight about as far as ``lr`` moves an unscaled centroid."""
+    params = []
+    for module in codebook_tensors(model).values():
+        tensors = module.state_tensors()
+        scale = tensors.get("scale_")
+        unit = _unit(scale) if scale is not None else 1.0
+        for name, p in tensors.items():
+            if p.is_floating_point():
+                params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
+    return params
 
-    @staticmethod
-    def _trainable(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
-        """Every codebook/pool/row-scale tensor of ``model``'s codebook layers, with its learning-rate
-        multiplier. ``lr`` is in weight units (the DPQ setting, 1e-4, is for raw weights): centroids
-        of a row-scaled layer live in units of the row scale, so their step is ``lr / mean(scale)``,
-        which moves the rebuilt weight about as far as ``lr`` moves an unscaled centroid."""
-        params = []
-        for module in codebook_tensors(model).values():
-            tensors = module.state_tensors()
-            scale = tensors.get("scale_")
-            unit = _unit(scale) if scale is not None else 1.0
-            for name, p in tensors.items():
-                if p.is_floating_point():
-                    params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
-        return params
 
-    def _optimise(self, module: nn.Module, loss_fn: Callable[[int], torch.Tensor], progress=None, label: str = "M-step") -> float:
-        """AdamW on ``module``'s codebooks/pools/row scales for m_steps steps (float32 while training);
-        ``progress(description, step, m_steps)`` hears each step's loss."""
-        trainable = self._trainable(module)
-        if not trainable or not self.config.m_steps:
-            return float("nan")
-        params = [p for p, _ in trainable]
-        originals = [p.data for p in params]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        groups = [{"params": [p], "lr": self.config.lr * mult} for p, mult in trainable]
-        opt = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        loss_value = float("nan")
-        try:
-            for step in range(self.config.m_steps):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(step)
-                loss.backward()
-                opt.step()
-                loss_value = loss.item()
-                if progress is not None:
-                    progress(f"{label}: M-step loss {loss_value:.4g}", step + 1, self.config.m_steps)
-        finally:
-            for p, orig in zip(params, originals):
-                p.requires_grad_(False)
-                p.grad = None
-                p.data = p.data.to(orig.dtype)  # stored precision (float16): what is saved is what is evaluated
-        return loss_value
+def optimise(trainable: list[tuple[nn.Parameter, float]], loss_fn: Callable[[int], torch.Tensor], config, progress=None, label: str = "M-step") -> float:
+    """AdamW on ``trainable`` (``(tensor, lr multiplier)`` pairs, see :func:`trainable_tensors`) for
+    ``config.m_steps`` steps (float32 while training); ``progress(description, step, m_steps)`` hears
+    each step's loss."""
+    if not trainable or not config.m_steps:
+        return float("nan")
+    params = [p for p, _ in trainable]
+    originals = [p.data for p in params]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    groups = [{"params": [p], "lr": config.lr * mult} for p, mult in trainable]
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    loss_value = float("nan")
+    try:
+        for step in range(config.m_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(step)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            if progress is not None:
+                progress(f"{label}: M-step loss {loss_value:.4g}", step + 1, config.m_steps)
+    finally:
+        for p, orig in zip(params, originals):
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = p.data.to(orig.dtype)  # stored precision (float16): what is saved is what is evaluated
+    return loss_value
 
-    def _block_m_step(self, block: nn.Module, calls: list, teacher: list[torch.Tensor]) -> float:
+
+class BlockObjective:
+    """Block output: train one block's codebooks to reproduce the uncompressed block (during the walk)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def train(self, block: nn.Module, calls: list, teacher: list, store: ActivationStore) -> float:
+        """Hard codes: AdamW on the block's codebooks towards the uncompressed block's outputs ``teacher``."""
         def loss_fn(step: int) -> torch.Tensor:
             j = step % len(calls)
-            return (run_call(block, calls[j], self.store) - self.store.resolve(teacher[j])).pow(2).mean()
+            return (run_call(block, calls[j], store) - store.resolve(teacher[j])).pow(2).mean()
 
-        return self._optimise(block, loss_fn)
+        return optimise(trainable_tensors(block), loss_fn, self.config)
 
-    def _soft_block_m_step(self, model, block_name: str, names: list[str], calls: list, teacher) -> float:
+    def train_soft(self, model: nn.Module, block_name: str, names: list[str], calls: list, teacher: list, store: ActivationStore) -> float:
         """VQ4DiT: train soft candidate assignments and centroids of the block's codebook layers to
         reproduce the uncompressed block; freeze confident subvectors as it goes, then harden."""
         from compresskit.calib.soft import SoftAssignment
@@ -123,7 +127,7 @@ class MSteps:
             return float("nan")
         for qm, soft in softs.values():
             qm.override = soft.weight
-        # lr in weight units, as in _trainable: a row-scaled table lives in units of its row scales
+        # lr in weight units, as in trainable_tensors: a row-scaled table lives in units of its row scales
         tables = [{"params": [soft.table], "lr": self.config.lr / _unit(soft.row_scale)} for _, soft in softs.values()]
         logits = [soft.logits for _, soft in softs.values()]
         opt = torch.optim.AdamW(tables + [{"params": logits, "lr": self.config.logit_lr}], weight_decay=self.config.weight_decay)
@@ -132,7 +136,7 @@ class MSteps:
             for step in range(self.config.m_steps):
                 j = step % len(calls)
                 ramp = (step + 1) / self.config.m_steps
-                loss = (run_call(block, calls[j], self.store) - self.store.resolve(teacher[j])).pow(2).mean()
+                loss = (run_call(block, calls[j], store) - store.resolve(teacher[j])).pow(2).mean()
                 loss_value = loss.item()
                 loss = loss + self.config.entropy_weight * ramp * sum(soft.entropy() for _, soft in softs.values())
                 opt.zero_grad(set_to_none=True)
@@ -148,6 +152,28 @@ class MSteps:
             soft.write_back(qm.bind())  # in place: the module holds the same tensors
         return loss_value
 
+
+class ModelObjective:
+    """Task loss or distillation over the whole model, after the walk: DPQ's EM rounds.
+
+    ``batches``: the calibration batches (the guard's calibration loss is measured on them);
+    ``m_batches``: what the M-step trains on; ``hessians`` / ``originals``: per codebook target, the
+    statistics and weight its E-step aims at (filled by the walk). ``trainable`` is the function that
+    lists what the M-step trains (replace it to train more, e.g. norms).
+    """
+
+    def __init__(self, config, batches, m_batches, task_loss, distill, hessians: dict, originals: dict):
+        self.config = config
+        self.batches, self.m_batches = batches, m_batches
+        self.task_loss, self.distill = task_loss, distill
+        self.hessians, self.originals = hessians, originals
+        self.teacher: dict[int, Any] = {}  # the uncompressed model's predictions, by batch index
+        self.m_teacher: dict[int, Any] = {}
+        self.trainable = trainable_tensors
+
+    def optimise(self, model: nn.Module, loss_fn, progress=None, label: str = "M-step") -> float:
+        return optimise(self.trainable(model), loss_fn, self.config, progress, label)
+
     def em_round(self, model: nn.Module, progress=None, label: str = "EM round") -> float:
         """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.
 
@@ -161,27 +187,27 @@ class MSteps:
         M-step's loss, described with ``label``.
         """
         loss = float("nan")
-        if self._distilling():
-            loss = self._optimise(model, lambda step: self._m_loss(model, step % len(self.m_batches)), progress, label)
+        if self.distilling():
+            loss = self.optimise(model, lambda step: self.m_loss(model, step % len(self.m_batches)), progress, label)
         elif self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
-            loss = self._optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]), progress, label)
+            loss = self.optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]), progress, label)
         if progress is not None:
             progress(f"{label}: re-init and E-step", self.config.m_steps, self.config.m_steps)
         # re-assignment serves each layer's output error, which is not the task loss the M-step just
         # lowered; measured on small models it can undo the M-step, so keep it only if the task agrees
-        after_m = self._calibration_loss(model)
+        after_m = self.calibration_loss(model)
         snapshots = {} if after_m is None else {
             name: _snapshot(m) for name, m in codebook_tensors(model).items() if name in self.originals
         }
-        self._reassign(model)
-        if after_m is not None and not self._calibration_loss(model) <= after_m:
+        self.reassign(model)
+        if after_m is not None and not self.calibration_loss(model) <= after_m:
             for name, snap in snapshots.items():
                 _restore(codebook_tensors(model)[name], snap)
         return loss
 
-    def _calibration_loss(self, model: nn.Module) -> float | None:
+    def calibration_loss(self, model: nn.Module) -> float | None:
         """Mean M-step loss (task or distillation) over the calibration batches (None without one)."""
-        if self._distilling():
+        if self.distilling():
             _, loss_fn = self.distill
             with torch.no_grad():
                 return sum(float(loss_fn(model, b, self.teacher[j])) for j, b in enumerate(self.batches)) / len(self.batches)
@@ -191,10 +217,10 @@ class MSteps:
             return sum(float(self.task_loss(model, b)) for b in self.batches) / len(self.batches)
 
     # ---- distillation M-step ----------------------------------------------------------------
-    def _distilling(self) -> bool:
+    def distilling(self) -> bool:
         return self.config.m_objective == "distill" and self.config.em_rounds > 0 and self.config.m_steps > 0
 
-    def _take_teacher(self, model: nn.Module) -> None:
+    def take_teacher(self, model: nn.Module) -> None:
         """Record the uncompressed model's predictions on the calibration and M-step batches."""
         targets_fn, _ = self.distill
         with torch.no_grad():
@@ -202,11 +228,11 @@ class MSteps:
             same = self.m_batches is self.batches
             self.m_teacher = self.teacher if same else {j: targets_fn(model, b) for j, b in enumerate(self.m_batches)}
 
-    def _m_loss(self, model: nn.Module, j: int) -> torch.Tensor:
+    def m_loss(self, model: nn.Module, j: int) -> torch.Tensor:
         _, loss_fn = self.distill
         return loss_fn(model, self.m_batches[j], self.m_teacher[j])
 
-    def _reassign(self, model: nn.Module) -> None:
+    def reassign(self, model: nn.Module) -> None:
         """Dead-centroid re-initialisation and E-step on every codebook layer (guarded per layer)."""
         from compresskit.calib.deadcode import reinit_dead, usage_counts
         from compresskit.calib.estep import e_step, output_error

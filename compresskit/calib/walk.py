@@ -28,6 +28,7 @@ from torch import nn
 
 from compresskit.calib.capture import Call, capture_calls, is_chained, layer_rows, run_call
 from compresskit.calib.hessian import HessianAccumulator, asymmetric_target
+from compresskit.calib.offload import ActivationStore
 from compresskit.calib.objectives import fit_layer, uses_statistics
 from compresskit.errors import CompressKitError
 from compresskit.nn import quantize_tensor
@@ -44,13 +45,34 @@ class _Stats:
     stages: list[list[str]]
 
 
-class Walks:
-    """The walk half of :class:`compresskit.calib.calibrator.Calibrator` (uses its ``config``,
-    ``store``, ``blocks``, ``batches``, ``clean``, ``hessians``, ``originals``, ``block_errors``,
-    ``block_losses`` and the M-steps)."""
+class Walk:
+    """The walk over one model's blocks (or layers), on the calibration ``batches``.
+
+    ``blocks``: block names in execution order (empty: layer by layer); ``clean``: the adapter's
+    ``clean_block_call``; ``block_objective``: trains a block's codebooks when ``config.m_objective``
+    is ``"block"``. ``hessians`` / ``originals`` are filled for codebook targets when EM rounds
+    follow (what their E-step aims at). Measured as it goes: ``block_errors`` (each compressed
+    block's relative output error against the original model's, or the block objective's teacher),
+    ``block_losses`` (the block M-step's last loss), ``asymmetric`` (whether asymmetric targets were used).
+    """
+
+    def __init__(self, config, blocks, batches, clean, block_objective, hessians: dict, originals: dict):
+        self.config, self.blocks, self.batches, self.clean = config, list(blocks), list(batches), clean
+        self.block_objective = block_objective
+        self.hessians, self.originals = hessians, originals
+        self.block_errors: dict[str, float] = {}
+        self.block_losses: dict[str, float] = {}
+        self.asymmetric = False
+        self.store = ActivationStore()  # replaced for each run by one honouring offload_dir
+
+    def run(self, model: nn.Module, targets: list[Target], plan, compress_plain, report, progress=None) -> list:
+        """Compress every target that ``plan(target)`` gives a quantizer for (None keeps it dense);
+        ``compress_plain(target)`` fits one from its weight alone, ``report(...)`` describes one."""
+        self._compress_plain, self._report = compress_plain, report
+        with ActivationStore(self.config.offload_dir) as self.store:
+            return self._walk(model, targets, plan, progress)
 
     def _walk(self, model: nn.Module, targets: list[Target], plan, progress) -> list:
-        """Compress every target of ``targets`` that ``plan(target)`` gives a quantizer for; returns reports."""
         self._plan, self._progress, self._done, self._total, self._last = plan, progress, 0, len(targets), ""
         reports: list = []
         with_inputs = [t for t in targets if t.layout.inputs != "none"]
@@ -136,9 +158,9 @@ class Walks:
                 reports.append(self._compress_target(model, by_name[name], stats))
         if teacher is not None:
             if self.config.soft_candidates:
-                self.block_losses[block_name] = self._soft_block_m_step(model, block_name, list(by_name), calls, teacher)
+                self.block_losses[block_name] = self.block_objective.train_soft(model, block_name, list(by_name), calls, teacher, self.store)
             else:
-                self.block_losses[block_name] = self._block_m_step(block, calls, teacher)
+                self.block_losses[block_name] = self.block_objective.train(block, calls, teacher, self.store)
         return reports, fp_outs, teacher
 
     def _compress_target(self, model: nn.Module, target: Target, stats: _Stats):

@@ -88,7 +88,7 @@ def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_or
     calls = [Call((torch.randn(8, 16),), {})]
     names = [f"b.{n}" for n in ("down", "up", "gate", "o", "v", "k", "q")]  # any order in
     targets = [Target(n, n, "weight", "linear", tuple(block.get_submodule(n[2:]).weight.shape)) for n in names]
-    stats = cal._statistics(block, "b", targets, calls, None, None)
+    stats = cal.walk._statistics(block, "b", targets, calls, None, None)
     assert stats.stages == [["b.q", "b.k", "b.v"], ["b.o"], ["b.gate", "b.up"], ["b.down"]]
     assert stats.crosses == {} and stats.fp_outputs is None
     h = torch.nn.functional.layer_norm(calls[0].args[0], (16,))

@@ -9,6 +9,7 @@ from compresskit import CompressConfig
 from compresskit.calib.estep import output_error
 from compresskit.calib import Calibrator, CalibrationConfig
 from compresskit.calib.capture import is_chained
+from compresskit.calib.objectives import trainable_tensors
 from compresskit.errors import CompressKitError
 
 
@@ -120,7 +121,7 @@ def test_task_m_step_trains_on_its_own_batches_and_the_walk_on_the_calibration_o
         return m(batch["x"]).pow(2).mean()
 
     cal = Calibrator(["layers.0", "layers.1"], walk, task_loss, CalibrationConfig(m_objective="task", em_rounds=1, m_steps=5), m_batches=train)
-    cal._calibration_loss = lambda m: None  # the guard's passes read the walk batches; count the M-step only
+    cal.model_objective.calibration_loss = lambda m: None  # the guard's passes read the walk batches; count the M-step only
     compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"k": 16}), calibration=cal)
     assert len(seen) == 5
     assert [next(i for i, b in enumerate(train) if b["x"] is x) for x in seen] == [0, 1, 2, 0, 1]
@@ -209,7 +210,7 @@ def test_em_round_never_makes_a_layer_worse_on_its_calibration_statistics():
     batches = correlated_batches(width=64, rows=128)
     cal = Calibrator(["layers.0", "layers.1"], batches, config=CalibrationConfig())
     compresskit.compress(model, CompressConfig(method="pq", bits=2), calibration=cal)
-    cal.config = CalibrationConfig(em_rounds=1, tau_dead=10_000)  # every centroid counts as dead
+    cal.model_objective.config = CalibrationConfig(em_rounds=1, tau_dead=10_000)  # every centroid counts as dead
     torch.manual_seed(0)
     fresh = Chain(width=64, depth=2).eval()
     x = torch.cat([b["x"] for b in batches])
@@ -246,8 +247,8 @@ def test_em_round_never_ends_above_its_own_m_step_on_the_calibration_loss():
         compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": pool}), calibration=cal)
         m_only = copy.deepcopy(model)
         Calibrator.em_round(cal, model)
-        cal._optimise(m_only, lambda step: task_loss(m_only, batches[step % len(batches)]))
-        assert cal._calibration_loss(model) <= cal._calibration_loss(m_only) * (1 + 1e-6)
+        cal.model_objective.optimise(m_only, lambda step: task_loss(m_only, batches[step % len(batches)]))
+        assert cal.model_objective.calibration_loss(model) <= cal.model_objective.calibration_loss(m_only) * (1 + 1e-6)
 
 
 def test_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids():
@@ -261,7 +262,7 @@ def test_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids():
         model[0].weight.mul_(0.05)
     compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False, "k": 16, "row_scale": True}, include=["0"]))
     compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False, "k": 16}, include=["1"]))
-    mults = {id(p): m for p, m in Calibrator._trainable(model)}
+    mults = {id(p): m for p, m in trainable_tensors(model)}
     scaled, plain = quantized_of(model[0], "weight"), quantized_of(model[1], "weight")
     unit = float(scaled.state_tensors()["scale_"].float().mean())
     assert unit < 0.2  # the rows were scaled down: centroids are in units of that scale
