@@ -37,7 +37,7 @@ from compresskit.targets import Target
 
 @dataclass
 class _Stats:
-    """What :meth:`Walks._statistics` measured on one block."""
+    """What :meth:`Walk._statistics` measured on one block."""
 
     hessians: dict[str, torch.Tensor]
     crosses: dict[str, torch.Tensor]
