@@ -189,6 +189,6 @@ def _compress_from_weight(model: nn.Module, target: Target, quantizer, by_name: 
 def layer_report(target: Target, quantizer, W: torch.Tensor, seconds: float) -> LayerReport:
     W_hat = quantizer.inverse_transform().float()
     err = float((W_hat - W.float()).pow(2).sum() / W.float().pow(2).sum().clamp(min=1e-30))
-    extra = {k: getattr(quantizer, k) for k in ("error_before_pool_", "error_after_pool_", "share_") if hasattr(quantizer, k)}
+    extra = quantizer.diagnostics()
     params = {k: v for k, v in quantizer.get_params().items() if not (isinstance(v, float) and math.isnan(v))}
     return LayerReport(target.name, quantizer.name, params, tuple(W.shape), quantizer.size_report(), err, seconds, extra)

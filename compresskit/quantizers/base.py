@@ -202,6 +202,12 @@ class Quantizer:
             **self._extra_meta(),
         }
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Numbers about the fit worth a report (e.g. PQ's weight error before and after pooling);
+        empty by default. Keys end in ``_`` like the learned state they describe."""
+        self._check_fitted()
+        return {}
+
     def _extra_meta(self) -> dict[str, Any]:
         return {}
 

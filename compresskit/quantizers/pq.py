@@ -298,6 +298,14 @@ class PQ(CodebookQuantizer):
         tables = ("pool_", "projection_") if self.pooled_ else ("codebooks_",)
         return tables + (("scale_",) if self.row_scale else ())
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Subspaces per codebook, and with the pool the weight error before and after pooling."""
+        self._check_fitted()
+        out = {"share_": self.share_}
+        if self.pooled_:
+            out.update(error_before_pool_=self.error_before_pool_, error_after_pool_=self.error_after_pool_)
+        return out
+
     def _extra_meta(self) -> dict[str, Any]:
         meta = {"pad_": self.pad_, "pooled_": self.pooled_, "share_": self.share_}
         if self.pooled_:
