@@ -11,6 +11,7 @@ from compresskit.adapters.base import (
     get_adapter,
     register_adapter,
 )
+from compresskit.adapters.diffusion import DiTAdapter  # registers "dit"
 from compresskit.adapters.lm import CausalLMAdapter  # registers "lm"
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Adapter",
     "CausalLMAdapter",
     "DataSpec",
+    "DiTAdapter",
     "EvalSpec",
     "LoadedModel",
     "Option",

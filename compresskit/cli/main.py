@@ -47,15 +47,48 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 @app.command()
 def estimate(
-    shape: str = typer.Option(..., help="Weight shape, e.g. 6912x1152 (out x in; more dims for conv kernels)."),
+    shape: Optional[str] = typer.Option(None, help="One weight's shape, e.g. 6912x1152 (out x in; more dims for conv kernels)."),
+    model: Optional[str] = typer.Option(None, help="A whole model, built without weights where its adapter can: alias (dit-xl-2-256), file or directory."),
+    adapter: Optional[str] = typer.Option(None, help="Model family adapter for --model (default: the one that recognises it)."),
     method: str = typer.Option("pq", help="Quantizer name (see `compresskit methods`)."),
     bits: int = typer.Option(3, help="Target bits per weight (the method's nominal bits)."),
     param: Optional[list[str]] = typer.Option(None, help="Extra quantizer parameter NAME=VALUE (repeatable)."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="With --model: also compress what the adapter keeps dense as embeddings."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Exact size breakdown of one layer of SHAPE, without any weights."""
+    """Exact size breakdown of one layer of SHAPE, or of a whole MODEL per layer and in total, without any weights."""
     from compresskit.config import CompressConfig
 
+    if (shape is None) == (model is None):
+        raise CompressKitError("pass exactly one of --shape (one weight) or --model (a whole model)")
+    if model is not None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        from compresskit.estimate import estimate_spec
+
+        config = CompressConfig(method=method, bits=bits, params=_params(param), include_embeddings=embeddings)
+        result = estimate_spec(model, config, adapter)
+        if as_json:
+            return output.print_json(result)
+        t = Table(title=f"{result['model']} -> {method}:{bits} (weights: {result['weights']}; MB = 10^6 bytes)")
+        t.add_column("layer", overflow="fold")  # folded whole, never cut: the name is what a reader looks for
+        t.add_column("shape", no_wrap=True)
+        for column in ("FP16 MB", "compressed MB", "bits/weight"):
+            t.add_column(column, justify="right")
+        for layer in result["layers"]:
+            t.add_row(escape(layer["name"]), "x".join(map(str, layer["shape"])), f"{layer['fp16_mb']:.3f}", f"{layer['compressed_mb']:.3f}", f"{layer['bits_per_weight']:.3f}")
+        totals, counted = result["totals"], result["counted"]
+        t.add_row(f"dense rest ({len(result['dense'])} tensors)", "", f"{counted['n_dense_values'] * 2 / 1e6:.3f}", f"{totals['dense_mb']:.3f}", "")
+        t.add_row("[bold]total[/]", "", f"[bold]{totals['original_fp16_mb']:.2f}[/]", f"[bold]{totals['compressed_mb']:.2f}[/]", f"[bold]{totals['bits_per_weight_all_in']:.3f}[/]")
+        output.console.print(t)
+        output.console.print(
+            f"counted: {counted['n_parameters']:,} parameters + {counted['n_buffers']:,} buffer values, "
+            f"{len(counted['shared_counted_once'])} shared tensors once; ratio {totals['ratio']:.2f}x", highlight=False,
+        )
+        for note in result["adapter_notes"].values():
+            output.console.print(escape(note), highlight=False, soft_wrap=True)
+        return None
     try:
         dims = tuple(int(x) for x in shape.lower().split("x"))
     except ValueError:

@@ -1,0 +1,11 @@
+"""The diffusion family: DiT and PixArt transformers (later U-Nets), in one folder.
+
+``dit`` (our readable DiT with the original checkpoints' names, and its shipped configs) and
+``adapter`` (:class:`DiTAdapter`, registered as ``"dit"``: loading, structure, architecture-only
+models for size estimates). diffusers is imported only when a diffusers model is loaded, so
+importing this package is cheap.
+"""
+from compresskit.adapters.diffusion.adapter import DEFAULT_SPEC, DiTAdapter, tie_copied_embedders
+from compresskit.adapters.diffusion.dit import DiT, DiTConfig, config_from_shapes, shipped_configs
+
+__all__ = ["DEFAULT_SPEC", "DiT", "DiTAdapter", "DiTConfig", "config_from_shapes", "shipped_configs", "tie_copied_embedders"]
