@@ -71,7 +71,7 @@ def test_declared_metric_and_options():
 def test_pq_defaults_say_why_without_figures():
     params, why = CausalLMAdapter.method_defaults["pq"]
     assert params == {"pool": False, "row_scale": True}
-    assert "docs/BENCHMARKS.md" in why and not re.search(r"\d", why.replace("docs/BENCHMARKS.md", ""))
+    assert "docs/LAB_LOG.md" in why and not re.search(r"\d", why.replace("docs/LAB_LOG.md", ""))
 
 
 def test_load_local_directory_round_trips(tiny, loaded):
