@@ -98,6 +98,9 @@ class Adapter(ABC):
     higher_is_better: ClassVar[bool] = False
     calib_options: ClassVar[dict[str, Option]] = {}
     eval_options: ClassVar[dict[str, Option]] = {}
+    # batch entries the task loss reads but the model does not take (a diffusion batch's noise): the
+    # calibrator leaves them out of every model call
+    loss_keys: ClassVar[tuple[str, ...]] = ()
 
     # ---- required ---------------------------------------------------------------------------
     @abstractmethod

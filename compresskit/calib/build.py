@@ -65,4 +65,5 @@ def build_calibrator(
         m_batches=m_batches,
         distill=distill,
         clean=adapter.clean_block_call if adapter is not None else None,
+        loss_keys=adapter.loss_keys if adapter is not None else (),
     )

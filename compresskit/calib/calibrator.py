@@ -44,6 +44,7 @@ class Calibrator:
         m_batches: Sequence[Batch] | None = None,
         distill: Distill | None = None,
         clean: Clean | None = None,
+        loss_keys: Sequence[str] = (),
     ):
         if not batches:
             raise CompressKitError("calibration needs at least one calibration batch")
@@ -60,7 +61,9 @@ class Calibrator:
         # (O(sum of n^2 + m n) floats, which is why they are not kept otherwise)
         self.hessians: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
-        self.walk = Walk(config, self.blocks, self.batches, clean, BlockObjective(config), self.hessians, self.originals)
+        # the walk calls the model on the batches without the entries only the task loss reads
+        model_batches = [{k: v for k, v in b.items() if k not in loss_keys} for b in self.batches]
+        self.walk = Walk(config, self.blocks, model_batches, clean, BlockObjective(config), self.hessians, self.originals)
         self.model_objective = ModelObjective(
             config, self.batches, list(m_batches) if m_batches else self.batches, task_loss, distill, self.hessians, self.originals
         )

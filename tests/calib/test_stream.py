@@ -269,3 +269,20 @@ def test_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids():
     assert mults[id(scaled.state_tensors()["codebooks_"])] == pytest.approx(1 / unit)
     assert mults[id(scaled.state_tensors()["scale_"])] == 1.0
     assert mults[id(plain.state_tensors()["codebooks_"])] == 1.0
+
+
+def test_loss_keys_reach_the_task_loss_and_never_the_model():
+    """A batch may carry what only the loss needs (a diffusion batch's noise): the walk leaves it out."""
+    torch.manual_seed(0)
+    model = Chain(width=16, depth=2).eval()
+    batches = [{"x": torch.randn(8, 16), "target": torch.randn(8, 16)} for _ in range(2)]
+    seen = []
+
+    def task_loss(m, batch):
+        seen.append(sorted(batch))
+        return (m(batch["x"]) - batch["target"]).pow(2).mean()
+
+    config = CalibrationConfig(m_objective="task", em_rounds=1, m_steps=2)
+    cal = Calibrator(["layers.0", "layers.1"], batches, task_loss, config, loss_keys=("target",))
+    compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"k": 16}), calibration=cal)  # Chain(x) takes no target
+    assert seen and all(keys == ["target", "x"] for keys in seen)
