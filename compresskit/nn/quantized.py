@@ -46,7 +46,7 @@ class QuantizedTensor(nn.Module):
         self.cache = cache
         self.override: Callable[[], torch.Tensor] | None = None
         self.register_buffer("codes", quantizer.codes_)
-        for name in quantizer._state_tensors:
+        for name in quantizer.state_names():
             tensor = getattr(quantizer, name)
             if tensor.is_floating_point():
                 self.register_parameter(_attr(name), nn.Parameter(tensor, requires_grad=False))
@@ -58,7 +58,7 @@ class QuantizedTensor(nn.Module):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The quantizer's learned tensors as this module holds them now (device, dtype), by state name."""
-        return {name: getattr(self, _attr(name)) for name in self.quantizer._state_tensors}
+        return {name: getattr(self, _attr(name)) for name in self.quantizer.state_names()}
 
     def bind(self) -> Quantizer:
         """Point the quantizer at this module's tensors (after ``.to()`` they are new objects); returns it."""

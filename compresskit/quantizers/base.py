@@ -202,6 +202,11 @@ class Quantizer:
             **self._extra_meta(),
         }
 
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the learned tensors besides ``codes_`` (e.g. ``("pool_", "projection_")``), as
+        :meth:`bind_state` takes them; after ``fit`` or ``from_state``."""
+        return tuple(self._state_tensors)
+
     def diagnostics(self) -> dict[str, Any]:
         """Numbers about the fit worth a report (e.g. PQ's weight error before and after pooling);
         empty by default. Keys end in ``_`` like the learned state they describe."""
