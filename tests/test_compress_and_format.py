@@ -201,3 +201,30 @@ def test_bare_tensors_from_the_adapter_are_targets_and_round_trip(tmp_path):
     restored = compresskit.load(tmp_path / "s", model=Scene(n=512))
     with torch.no_grad():
         torch.testing.assert_close(restored(idx), ref, rtol=0, atol=0)
+
+
+class WithTinyConditioning(nn.Module):
+    """A diffusion U-Net's shape in miniature: convs, and a Linear(1, 128) conditioning input."""
+
+    def __init__(self):
+        super().__init__()
+        self.cond = nn.Linear(1, 128)
+        self.conv_in = nn.Conv2d(3, 128, 3, padding=1)
+        self.conv_out = nn.Conv2d(128, 3, 3, padding=1)
+
+    def forward(self, img, t):
+        h = self.conv_in(img) + self.cond(t)[:, :, None, None]
+        return self.conv_out(torch.relu(h))
+
+
+@pytest.mark.parametrize("method", ["pq", "vq"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_one_odd_layer_never_fails_the_model(method, bits):
+    torch.manual_seed(0)
+    model = WithTinyConditioning().eval()
+    report = compresskit.compress(model, CompressConfig(method=method, bits=bits))
+    adapted_or_dense = {**report.notes, **report.kept_dense}
+    assert "cond" in adapted_or_dense and adapted_or_dense["cond"]  # the report says what happened to it, and why
+    assert is_quantized(model.conv_in, "weight") and is_quantized(model.conv_out, "weight")
+    out = model(torch.randn(2, 3, 8, 8), torch.randn(2, 1))
+    assert torch.isfinite(out).all()
