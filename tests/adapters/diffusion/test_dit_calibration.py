@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import compresskit
 from compresskit import CompressConfig, compress
 from compresskit.adapters import DiTAdapter
 from compresskit.adapters.base import LoadedModel
