@@ -17,7 +17,12 @@ checkpoints hold 28 identical copies; the final layer reads block 0's). Loading 
 are equal, value for value, to block 0's module, so they are one tensor: stored once, counted once,
 compressed once; the forward pass is unchanged. :attr:`LoadedModel.extras` ``["shared"]`` says which.
 
-Calibration data, the task loss (DDPM) and evaluation arrive with the DDPM module of this folder.
+Calibration and evaluation (original layout; Fashion-MNIST DiTs: 1 channel, 32 x 32, 10 classes):
+calibration batches are noised Fashion-MNIST training images that carry their noise
+(``{"x": x_t, "t", "y", "noise"}``; ``noise`` is a :attr:`loss_keys` entry, never passed to the
+model), the task loss is the DDPM loss on them, zero-data calibration draws Gaussian inputs
+(VQ4DiT), and evaluation samples images and scores ``fid`` / ``is`` / ``fid_effnet``
+(:mod:`.metrics`). See ``docs/diffusion.md``.
 """
 from __future__ import annotations
 
@@ -28,8 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit.adapters.base import Adapter, Batch, DataSpec, EvalSpec, LoadedModel, register_adapter
+from compresskit.adapters.base import Adapter, Batch, DataSpec, EvalSpec, LoadedModel, Option, register_adapter
+from compresskit.adapters.diffusion import data as fmnist
+from compresskit.adapters.diffusion import ddpm
+from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
 from compresskit.adapters.diffusion.dit import DiT, DiTConfig, config_from_shapes, looks_like_dit, shipped_configs
+from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
 from compresskit.errors import CompressKitError
 from compresskit.optional import require
 from compresskit.targets import module_layout
@@ -38,7 +47,6 @@ DEFAULT_SPEC = "dit-xl-2-256"
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 BY_NORM_TYPE = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}  # as diffusers remaps Transformer2DModel
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
-NOT_YET = "arrive with the DDPM module of compresskit.adapters.diffusion, which this version does not have yet"
 
 PATCH_REASON = "the patch embedding: one small convolution every token passes through; DPQ compresses only the AdaLN, attention and MLP weights"
 TIME_REASON = "the timestep embedder: a small MLP run once per step, outside the blocks DPQ compresses"
@@ -178,6 +186,17 @@ def _named(model: nn.Module, parts: list[tuple[nn.Module | None, str]]) -> dict[
 @register_adapter("dit")
 class DiTAdapter(Adapter):
     """Class-conditional DiTs (original layout or diffusers) and PixArt; see the module docstring."""
+
+    primary_metric = "fid"
+    higher_is_better = False
+    calib_options = {"class_dropout": Option(CLASS_DROPOUT, "probability a calibration label is replaced by the null class, as DiT trains")}
+    eval_options = {
+        "steps": Option(50, "respaced DDPM sampling steps (DPQ reports 50, 100 and 250)"),
+        "cfg_scale": Option(CFG_SCALE, "classifier-free guidance scale on the epsilon channels (a float, e.g. 1.5)"),
+        "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
+        "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
+    }
+    loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
 
     @classmethod
     def recognises(cls, spec: str | None) -> bool:
@@ -323,15 +342,106 @@ class DiTAdapter(Adapter):
             kwargs["class_labels"] = torch.tensor([1])
         return (), kwargs
 
-    # ---- data and quality: with the DDPM module ---------------------------------------------------
-    # task_loss is deliberately not overridden: the calibrator calls a task loss that an adapter
-    # claims (supports("task_loss")) to report progress, so a stub that raises would break
-    # calibration on user-given data with the layer or block objective.
+    # ---- data and quality -------------------------------------------------------------------------
     def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
-        raise CompressKitError(
-            f"DiT calibration data {NOT_YET}; compress from the weights alone (--preset none) or pass "
-            "calibration_data=[{'x': latent, 't': timestep, 'y': label}, ...] to compresskit.compress"
+        """``data.n_samples`` noised Fashion-MNIST training images (:func:`.data.calibration_batches`):
+        ``{"x": x_t float32 [1, 1, 32, 32], "t": long [1], "y": long [1], "noise": float32 [1, 1, 32, 32]}``,
+        labels dropped to the null class with probability ``class_dropout``; ``data.source`` is a
+        directory of the IDX files (``None``: the Debian package's)."""
+        _fmnist_dit(loaded, "calibration data")
+        return fmnist.calibration_batches(
+            GaussianDiffusion.linear(), data.n_samples, seed=data.seed, class_dropout=_option(self, data, "class_dropout"), source=data.source
         )
 
+    def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """Zero-data inputs (VQ4DiT, :func:`.ddpm.noise_batches`): ``{"x": Gaussian float32 [1, C, S, S],
+        "t": uniform long [1], "y": uniform long [1]}`` for any original-layout DiT, its own shapes."""
+        config = _dit(loaded, "zero-data calibration").config
+        return ddpm.noise_batches(
+            data.n_samples, (config.in_channels, config.input_size, config.input_size), config.num_classes,
+            null_class=config.num_classes, seed=data.seed, class_dropout=_option(self, data, "class_dropout"),
+        )
+
+    def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The DDPM loss: ``eps_mse(model(x, t, y), noise)``, exact and deterministic (the batch carries its noise)."""
+        return ddpm.batch_loss(model, batch)
+
     def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float]:
-        raise CompressKitError(f"DiT evaluation (FID, the DDPM loss) and its data {NOT_YET}; run quantize with --no-eval")
+        """``n_samples`` images sampled with ``steps`` respaced DDPM steps and guidance ``cfg_scale``
+        (:func:`.metrics.evaluate_sampler`, seeded by ``spec.seed``), against as many test images:
+        ``fid`` and ``is`` on the project's Fashion-MNIST classifier, ``fid_effnet`` on EfficientNet-Lite0
+        (or ``fid_effnet_skipped``, the reason), plus the settings used. Learned-sigma models sample
+        with their learned variance."""
+        model = _fmnist_dit(loaded, "evaluation")
+        with torch.no_grad():
+            return evaluate_sampler(
+                model, steps=_option(self, spec, "steps"), n_samples=_option(self, spec, "n_samples"), seed=spec.seed,
+                cfg_scale=float(_option(self, spec, "cfg_scale")), effnet=_option(self, spec, "effnet"), source=spec.source,
+                variance="learned" if model.config.learn_sigma else "fixed_small",
+            )
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
+        """``dit.json``: ``{"layout": "original", "architecture": DiTConfig}``, or for a diffusers model
+        ``{"layout": "diffusers", "class", "config", "shared"}`` (its config and which embedder copies
+        were tied to block 0's, so the rebuilt model holds the same tensors)."""
+        model = loaded.model
+        if isinstance(model, DiT):
+            saved = {"layout": "original", "architecture": model.config.to_dict()}
+        elif type(model).__name__ in DIFFUSERS_CLASSES:
+            saved = {"layout": "diffusers", "class": type(model).__name__, "config": dict(model.config), "shared": loaded.extras.get("shared") or {}}
+        else:
+            raise CompressKitError(f"the dit adapter cannot save the architecture of a {type(model).__name__}; use compresskit.load(dir, model=...)")
+        (Path(directory) / ARCHITECTURE_FILE).write_text(json.dumps(saved, indent=2, default=str))
+
+    def load_architecture(self, directory: Path) -> LoadedModel:
+        """A freshly initialised float32 model of the saved architecture (compresskit then loads the weights)."""
+        path = Path(directory) / ARCHITECTURE_FILE
+        saved = _read_json(path)
+        layout = saved.get("layout") if saved else None
+        if layout == "original" and isinstance(saved.get("architecture"), dict):
+            model = DiT(DiTConfig.from_dict(saved["architecture"]))
+            return LoadedModel(model.float().eval(), str(directory), str(path), extras={"layout": "original", "weights": None})
+        if layout == "diffusers" and saved.get("class") in DIFFUSERS_CLASSES and isinstance(saved.get("config"), dict):
+            model = getattr(_diffusers(), saved["class"]).from_config(saved["config"])
+            shared = saved.get("shared") or {}
+            modules = dict(model.named_modules())
+            for copy, first in shared.items():  # the ties of the saved model, exactly (a copy that differed stays its own)
+                owner, _, attr = copy.rpartition(".")
+                setattr(modules[owner], attr, modules[first])
+            extras = {"layout": "diffusers", "class": saved["class"], "weights": None, "shared": shared, "shared_how": "as saved" if shared else None}
+            return LoadedModel(model.float().eval(), str(directory), str(path), extras=extras)
+        raise CompressKitError(f"{path} is missing or holds no DiT architecture; the compressed model directory is incomplete")
+
+ARCHITECTURE_FILE = "dit.json"
+ORIGINAL_ONLY = (
+    "supports DiTs of the original layout (compresskit's DiT, called model(x, t, y)) for now; this is a diffusers "
+    "model. Convert it to the original layout, or compress it from the weights alone (--preset none) and "
+    "pass calibration_data=[{...model kwargs...}] for calibration"
+)
+
+
+def _option(adapter: Adapter, spec: DataSpec | EvalSpec, key: str) -> Any:
+    """``spec.options[key]``, or the declared default when the spec was built without it."""
+    declared = adapter.calib_options if isinstance(spec, DataSpec) else adapter.eval_options
+    return spec.options.get(key, declared[key].default)
+
+
+def _dit(loaded: LoadedModel, what: str) -> DiT:
+    if not isinstance(loaded.model, DiT):
+        raise CompressKitError(f"DiT {what} {ORIGINAL_ONLY}")
+    return loaded.model
+
+
+def _fmnist_dit(loaded: LoadedModel, what: str) -> DiT:
+    """The model, when it is a pixel-space Fashion-MNIST DiT (1 channel, 32 x 32, 10 classes + null)."""
+    model = _dit(loaded, what)
+    c = model.config
+    want = (fmnist.IMAGE_SHAPE[0], fmnist.IMAGE_SHAPE[1], fmnist.NUM_CLASSES)
+    if (c.in_channels, c.input_size, c.num_classes) != want:
+        raise CompressKitError(
+            f"DiT {what} uses Fashion-MNIST (1 channel, 32 x 32 pixels, 10 classes); this DiT takes {c.in_channels} channels "
+            f"of {c.input_size} x {c.input_size} and {c.num_classes} classes. Use zero-data calibration (--preset zero-data) "
+            "or pass calibration_data, and --no-eval"
+        )
+    return model

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compresskit.adapters.diffusion.ddpm import CLASS_DROPOUT, Batch, GaussianDiffusion, NoiseBook, drop_labels
+from compresskit.adapters.diffusion.ddpm import CLASS_DROPOUT, Batch, GaussianDiffusion, drop_labels
 from compresskit.errors import CompressKitError
 
 PACKAGE = "dataset-fashion-mnist"
@@ -124,7 +124,6 @@ def calibration_batches(
     *,
     seed: int = 0,
     class_dropout: float = CLASS_DROPOUT,
-    book: NoiseBook | None = None,
     source: str | Path | None = None,
 ) -> list[Batch]:
     """``n_samples`` noised training images as model-call kwargs of one sample each.
@@ -132,8 +131,9 @@ def calibration_batches(
     Distinct training images are drawn without replacement (seeded), each noised at a uniform
     timestep of ``diffusion`` with fresh Gaussian noise; labels are dropped to :data:`NULL_CLASS`
     with probability ``class_dropout``. Each batch is ``{"x": float32 [1, 1, 32, 32] (x_t), "t": long
-    [1], "y": long [1]}``; the same seed gives the same batches. With ``book``, the noise of every
-    sample is recorded there, for the DDPM loss on these batches (:meth:`NoiseBook.loss`).
+    [1], "y": long [1], "noise": float32 [1, 1, 32, 32]}``: ``noise`` is what ``x_t`` was made with,
+    read only by the DDPM loss (:func:`~compresskit.adapters.diffusion.ddpm.batch_loss`; the adapter
+    declares it in ``loss_keys`` so it is never passed to the model). The same seed gives the same batches.
     """
     pixels, labels = _split("train", data_dir(source))  # uint8 [60000, 28, 28], [60000]
     if not 1 <= n_samples <= pixels.shape[0]:
@@ -145,7 +145,7 @@ def calibration_batches(
     noise = torch.randn(x0.shape, generator=gen)
     y = drop_labels(y, NULL_CLASS, class_dropout, gen)
     x_t = diffusion.q_sample(x0, t, noise)
-    if book is not None:
-        book.add(x_t, noise)
     t_model = diffusion.timesteps[t]
-    return [{"x": x_t[i : i + 1], "t": t_model[i : i + 1], "y": y[i : i + 1]} for i in range(n_samples)]
+    return [
+        {"x": x_t[i : i + 1], "t": t_model[i : i + 1], "y": y[i : i + 1], "noise": noise[i : i + 1]} for i in range(n_samples)
+    ]

@@ -33,7 +33,6 @@ seed or a ``torch.Generator``: the same seed gives the same tensors.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -316,41 +315,13 @@ def trajectory_batches(
     return out
 
 
-class NoiseBook:
-    """The noise each calibration sample was made with, found again from the noised image itself.
-
-    A calibration batch is only the model-call kwargs (``x`` is already ``x_t``), so the DDPM loss on it
-    needs the noise recorded when it was drawn. Rows are looked up by their exact bytes: the core
-    may regroup one-sample batches (``torch.cat``) and the lookup still finds every row, while a
-    batch that was never recorded, or was changed (another dtype), is an error, not a wrong loss.
-    """
-
-    def __init__(self) -> None:
-        self._noise: dict[bytes, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self._noise)
-
-    @staticmethod
-    def _key(row: torch.Tensor) -> bytes:
-        return hashlib.blake2b(row.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest() + str(row.dtype).encode()
-
-    def add(self, x_t: torch.Tensor, noise: torch.Tensor) -> None:
-        """Record ``noise`` (``[B, C, H, W]``) for each row of ``x_t`` (same shape)."""
-        for row, eps in zip(x_t, noise):
-            self._noise[self._key(row)] = eps.detach().cpu().clone()
-
-    def noise(self, x_t: torch.Tensor) -> torch.Tensor:
-        """The recorded noise of every row of ``x_t``: ``[B, C, H, W]`` in ``x_t``'s dtype and device."""
-        try:
-            return torch.stack([self._noise[self._key(row)] for row in x_t]).to(x_t)
-        except KeyError:
-            raise CompressKitError(
-                "a calibration batch's noised images were not drawn by this adapter's calibration_batches "
-                "(or were changed since); the DDPM loss needs the noise they were made with"
-            ) from None
-
-    def loss(self, model: Model, batch: Batch) -> torch.Tensor:
-        """The DDPM loss on one calibration batch ``{"x": x_t, "t", "y"}``: :func:`eps_mse` of
-        ``model(**batch)`` against the recorded noise (deterministic: the same batch, the same loss)."""
-        return eps_mse(model(batch["x"], batch["t"], batch["y"]), self.noise(batch["x"]))
+def batch_loss(model: Model, batch: Batch) -> torch.Tensor:
+    """The DDPM loss on one calibration batch ``{"x": x_t, "t", "y", "noise"}`` (each ``[B, ...]``):
+    :func:`eps_mse` of ``model(x, t, y)`` against the noise ``x_t`` was made with. Exact and
+    stateless: the batch carries its own noise, so regrouped batches (``torch.cat``) keep their loss."""
+    if "noise" not in batch:
+        raise CompressKitError(
+            "a DDPM calibration batch needs the noise its x_t was made with ('noise', [B, C, H, W]); "
+            "draw batches with the adapter's calibration_batches, or add it to your own"
+        )
+    return eps_mse(model(batch["x"], batch["t"], batch["y"]), batch["noise"])

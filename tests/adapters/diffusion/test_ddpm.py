@@ -13,7 +13,7 @@ import torch
 from compresskit.adapters.diffusion import data
 from compresskit.adapters.diffusion.ddpm import (
     GaussianDiffusion,
-    NoiseBook,
+    batch_loss,
     drop_labels,
     eps_mse,
     guided_output,
@@ -238,21 +238,20 @@ def test_trajectory_batches_are_states_of_the_teachers_sampling_run():
         trajectory_batches(model, sub, 21, (1, 2, 2), 2, null_class=2, n_runs=2)
 
 
-def test_noise_book_gives_the_exact_loss_of_regrouped_batches_and_refuses_unknown_ones():
-    book = NoiseBook()
+def test_batch_loss_is_exact_on_regrouped_batches_and_asks_for_missing_noise():
     x0 = torch.rand(4, 1, 2, 2)
     t = torch.tensor([0, 10, 500, 999])
     noise = torch.randn(4, 1, 2, 2)
     x_t = FULL.q_sample(x0, t, noise)
-    book.add(x_t, noise)
-    singles = [{"x": x_t[i : i + 1], "t": t[i : i + 1], "y": torch.zeros(1, dtype=torch.long)} for i in range(4)]
+    singles = [
+        {"x": x_t[i : i + 1], "t": t[i : i + 1], "y": torch.zeros(1, dtype=torch.long), "noise": noise[i : i + 1]} for i in range(4)
+    ]
     grouped = {k: torch.cat([b[k] for b in singles[::-1]]) for k in singles[0]}  # as the core's batched() does
     model = Recorder()
-    assert book.loss(model, grouped).item() == pytest.approx(torch.mean((0.5 * x_t - noise) ** 2).item(), rel=1e-6)
+    assert batch_loss(model, grouped).item() == pytest.approx(torch.mean((0.5 * x_t - noise) ** 2).item(), rel=1e-6)
+    assert torch.equal(model.calls[-1][0], grouped["x"])  # the model saw x_t, never the noise
     with pytest.raises(CompressKitError, match="noise"):
-        book.noise(x_t.double())
-    with pytest.raises(CompressKitError, match="noise"):
-        book.noise(x_t + 1e-3)
+        batch_loss(model, {k: v for k, v in grouped.items() if k != "noise"})
 
 
 # ---- Fashion-MNIST --------------------------------------------------------------------------------------
@@ -290,11 +289,11 @@ def test_a_missing_dataset_says_which_package_to_install(tmp_path, monkeypatch):
 
 
 def test_calibration_batches_are_seeded_noised_training_images(fmnist_dir):
-    book = NoiseBook()
-    batches = data.calibration_batches(FULL, 64, seed=5, book=book)
-    assert len(batches) == 64 and len(book) == 64
+    batches = data.calibration_batches(FULL, 64, seed=5)
+    assert len(batches) == 64
     b = batches[0]
-    assert set(b) == {"x", "t", "y"} and b["x"].shape == (1, 1, 32, 32) and b["x"].dtype == torch.float32
+    assert set(b) == {"x", "t", "y", "noise"} and b["x"].shape == (1, 1, 32, 32) and b["x"].dtype == torch.float32
+    assert b["noise"].shape == (1, 1, 32, 32) and b["noise"].dtype == torch.float32
     assert b["t"].dtype == torch.long and b["y"].dtype == torch.long
     again = data.calibration_batches(FULL, 64, seed=5)
     assert all(torch.equal(p[k], q[k]) for p, q in zip(batches, again) for k in p)
@@ -304,7 +303,7 @@ def test_calibration_batches_are_seeded_noised_training_images(fmnist_dir):
     x_t = torch.cat([b["x"] for b in batches])
     t = torch.cat([b["t"] for b in batches])
     abar = FULL.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x0 = ((x_t.double() - (1 - abar).sqrt() * book.noise(x_t).double()) / abar.sqrt()).float()
+    x0 = ((x_t.double() - (1 - abar).sqrt() * torch.cat([b["noise"] for b in batches]).double()) / abar.sqrt()).float()
     pixels = ((x0[:, 0, 2:30, 2:30] + 1) * 127.5).round().to(torch.uint8).reshape(64, -1).numpy()
     train = data._split("train", fmnist_dir)[0].reshape(60000, -1)
     test = data._split("test", fmnist_dir)[0].reshape(10000, -1)
