@@ -118,9 +118,10 @@ class Adapter(ABC):
         them into batches."""
 
     @abstractmethod
-    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float]:
+    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
         """The family's metrics on a fixed evaluation set, including :attr:`primary_metric`; same
-        model and spec, same numbers."""
+        model and spec, same numbers. A metric that could not be computed may be reported as a
+        one-line reason under its own key (e.g. ``fid_effnet_skipped``)."""
 
     # ---- optional: recognising, structure, calibration --------------------------------------
     @classmethod
@@ -223,6 +224,8 @@ def _options(adapter: str, what: str, declared: dict[str, Option], given: Mappin
     for key, option in declared.items():
         value = given.get(key, option.default)
         kind = type(option.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # --option cfg_scale=2 means 2.0
         if option.default is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise CompressKitError(f"{what} option {key!r} must be a {kind.__name__} ({option.help}), got {value!r}")
         out[key] = value

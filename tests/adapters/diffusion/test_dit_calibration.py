@@ -105,8 +105,9 @@ def test_evaluate_is_seeded_and_reports_fid_is_and_effnet(fmnist_dir):
     assert with_effnet["fid"] == result["fid"]
     reason = metrics.effnet_missing()
     assert (with_effnet["fid_effnet"] > 0) if reason is None else with_effnet["fid_effnet_skipped"] == reason
+    assert ADAPTER.eval_spec(options={"cfg_scale": 2}).options["cfg_scale"] == 2.0  # an int is a float value
     with pytest.raises(CompressKitError, match="cfg_scale.*float"):
-        ADAPTER.eval_spec(options={"cfg_scale": 2})
+        ADAPTER.eval_spec(options={"cfg_scale": "strong"})
 
 
 def test_architecture_round_trips_through_save_and_load(tmp_path):
