@@ -65,16 +65,7 @@ def compress(
     if example_inputs is None and adapter is not None and loaded is not None:
         example_inputs = adapter.example_inputs(loaded)
     args, kwargs = example_inputs or ((), {})
-    graph = find_targets(
-        module, args, kwargs, include_embeddings=config.include_embeddings, use_graph=bool(args or kwargs),
-        layouts=adapter.layouts() if adapter else None, tensors=adapter.extra_targets(module) if adapter else None,
-    )
-    selection = select_targets(
-        graph.targets, include=config.include or ("*",), exclude=config.exclude,
-        keep_dense=_kept_dense(module, config, adapter), overrides=config.overrides,
-    )
-    if not selection.compress:
-        raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")
+    graph, selection = choose_targets(module, config, adapter, args, kwargs)
     by_name = {t.name: t for t in graph.targets}
     selected = [by_name[n] for n in selection.compress]
     dense = dict(selection.dense)
@@ -82,18 +73,7 @@ def compress(
 
     def plan(target: Target):
         """A fresh quantizer for ``target``, adapted to its shape; None keeps it dense."""
-        override = selection.compress[target.name]
-        quantizer = config.layer_quantizer(override)
-        adapted, why = quantizer.adapt_to_shape(target.weight_shape)
-        if adapted is quantizer:
-            return quantizer
-        if override:
-            raise CompressKitError(f"layer {target.name!r}: the override {override} cannot be applied: {why}")
-        if adapted is None:
-            dense[target.name] = why
-        else:
-            notes[target.name] = why
-        return adapted
+        return plan_quantizer(config, target, selection.compress[target.name], dense, notes)
 
     def compress_plain(target: Target) -> LayerReport | None:
         quantizer = plan(target)
@@ -135,6 +115,39 @@ def compress(
     report.dense_dtype = config.dense_dtype
     report.calibration = {} if calibrator is None else {**calibrator.config.to_dict(), "asymmetric_used": calibrator.asymmetric}
     return report
+
+
+def choose_targets(module: nn.Module, config: CompressConfig, adapter: Adapter | None, args: tuple = (), kwargs: dict | None = None):
+    """``(TargetGraph, Selection)``: the targets found (from the graph when example inputs are given)
+    and which of them to compress, with the adapter's layouts, bare tensors and kept-dense entries."""
+    graph = find_targets(
+        module, args, kwargs or {}, include_embeddings=config.include_embeddings, use_graph=bool(args or kwargs),
+        layouts=adapter.layouts() if adapter else None, tensors=adapter.extra_targets(module) if adapter else None,
+    )
+    selection = select_targets(
+        graph.targets, include=config.include or ("*",), exclude=config.exclude,
+        keep_dense=_kept_dense(module, config, adapter), overrides=config.overrides,
+    )
+    if not selection.compress:
+        raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")
+    return graph, selection
+
+
+def plan_quantizer(config: CompressConfig, target: Target, override: dict, dense: dict[str, str], notes: dict[str, str]):
+    """A fresh quantizer for ``target`` (its override, or the config's), adapted to its shape; None
+    keeps it dense. What was adapted, or why it stays dense, goes to ``notes`` / ``dense``; an
+    explicit override that cannot fit is an error."""
+    quantizer = config.layer_quantizer(override)
+    adapted, why = quantizer.adapt_to_shape(target.weight_shape)
+    if adapted is quantizer:
+        return quantizer
+    if override:
+        raise CompressKitError(f"layer {target.name!r}: the override {override} cannot be applied: {why}")
+    if adapted is None:
+        dense[target.name] = why
+    else:
+        notes[target.name] = why
+    return adapted
 
 
 def _with_adapter_defaults(config: CompressConfig, adapter: Adapter | None) -> CompressConfig:

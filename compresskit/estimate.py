@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from compresskit.adapters.base import Adapter, LoadedModel
-from compresskit.compress import _kept_dense, _with_adapter_defaults
+from compresskit.compress import _with_adapter_defaults, choose_targets, plan_quantizer
 from compresskit.config import CompressConfig
 from compresskit.errors import CompressKitError
 from compresskit.report import BASELINE_BITS
-from compresskit.rewrite import find_targets, select_targets
 
 MB = 1e6  # bytes
 
@@ -71,16 +70,7 @@ def estimate_model(model: nn.Module | LoadedModel, config: CompressConfig | None
     if not isinstance(module, nn.Module):
         raise CompressKitError(f"estimate_model expects a torch.nn.Module or a LoadedModel, got {type(module).__name__}")
     config = _with_adapter_defaults(config or CompressConfig(), adapter).validated()
-    graph = find_targets(
-        module, include_embeddings=config.include_embeddings, use_graph=False,
-        layouts=adapter.layouts() if adapter else None, tensors=adapter.extra_targets(module) if adapter else None,
-    )
-    selection = select_targets(
-        graph.targets, include=config.include or ("*",), exclude=config.exclude,
-        keep_dense=_kept_dense(module, config, adapter), overrides=config.overrides,
-    )
-    if not selection.compress:
-        raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")
+    graph, selection = choose_targets(module, config, adapter)  # the module tree: no inputs on meta
     by_name = {t.name: t for t in graph.targets}
     dense_reasons, notes = dict(selection.dense), {}
     layers, compressed_keys, done = [], set(), set()
@@ -89,15 +79,9 @@ def estimate_model(model: nn.Module | LoadedModel, config: CompressConfig | None
         if done.intersection((name, *target.tied_to)):
             continue  # a tied tensor once, from its first holder, as compress does
         done.add(name)
-        quantizer = config.layer_quantizer(override)
-        adapted, why = quantizer.adapt_to_shape(target.weight_shape)
-        if adapted is not quantizer and override:
-            raise CompressKitError(f"layer {name!r}: the override {override} cannot be applied: {why}")
+        adapted = plan_quantizer(config, target, override, dense_reasons, notes)
         if adapted is None:
-            dense_reasons[name] = why
             continue
-        if adapted is not quantizer:
-            notes[name] = why
         size = type(adapted).estimate(target.weight_shape, **adapted.get_params())
         compressed_keys.add(_key(getattr(module.get_submodule(target.owner), target.attr)))
         params = {k: v for k, v in adapted.get_params().items() if not (isinstance(v, float) and math.isnan(v))}
