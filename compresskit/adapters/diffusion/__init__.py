@@ -7,5 +7,6 @@ importing this package is cheap.
 """
 from compresskit.adapters.diffusion.adapter import DEFAULT_SPEC, DiTAdapter, tie_copied_embedders
 from compresskit.adapters.diffusion.dit import DiT, DiTConfig, config_from_shapes, shipped_configs
+from compresskit.adapters.diffusion.unet import ClassConditionalUNet, UNetAdapter
 
-__all__ = ["DEFAULT_SPEC", "DiT", "DiTAdapter", "DiTConfig", "config_from_shapes", "shipped_configs", "tie_copied_embedders"]
+__all__ = ["DEFAULT_SPEC", "ClassConditionalUNet", "DiT", "DiTAdapter", "DiTConfig", "config_from_shapes", "shipped_configs", "tie_copied_embedders", "UNetAdapter"]

@@ -1,0 +1,261 @@
+"""diffusers U-Nets (``UNet2DModel``, ``UNet2DConditionModel``): the ``unet`` adapter.
+
+Model specs, read from this machine only: a diffusers model directory (``config.json`` whose
+``_class_name`` is ``UNet2DModel`` or ``UNet2DConditionModel``), a pipeline directory with such a
+``unet/``, or the hub id of either in the local cache (``local_files_only=True``).
+
+A class-conditional ``UNet2DModel`` (``num_class_embeds`` set) is loaded wrapped in
+:class:`ClassConditionalUNet`, whose ``forward(x, t, y)`` is the diffusion family's model interface
+(:mod:`.ddpm`), so the ``dit`` adapter's calibration data, DDPM task loss, zero-data inputs and
+evaluation serve it unchanged (imported, not copied). The U-Net is its submodule ``unet``: targets
+read ``unet.down_blocks.0.resnets.0.conv1``. Other U-Nets (unconditional, text-conditioned
+``UNet2DConditionModel``) are loaded bare, for structure and size estimates only.
+
+The blocks are ``down_blocks.N``, ``mid_block`` and ``up_blocks.N`` in execution order. They are
+*not* chained: each up block reads the skip connections of the down blocks beside its input, so the
+core captures every block's inputs in one forward pass per batch (``calib/walk.py``).
+
+Convolutions are product-quantized over kernel patches, as PQF does: the quantizer sees
+``weight.flatten(1)`` (``[C_out, C_in * kh * kw]``, columns ordered ``(C_in, kh, kw)``), so a
+subvector of d consecutive columns is a run of one output channel's fan-in (d = 9: one 3 x 3 kernel
+slice of one input channel). See ``docs/diffusion.md``, "U-Nets".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresskit.adapters.base import Adapter, Batch, DataSpec, EvalSpec, LoadedModel, Option, register_adapter
+from compresskit.adapters.diffusion import data as fmnist
+from compresskit.adapters.diffusion import ddpm
+from compresskit.adapters.diffusion.adapter import _named, _option, _read_json, cached_snapshot
+from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
+from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
+from compresskit.errors import CompressKitError
+from compresskit.optional import require
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+ARCHITECTURE_FILE = "unet.json"
+
+CONV_IN_REASON = "conv_in: the image's way in (C_in x 3 x 3 fan-in, a handful of channels), too small and too sensitive to share codebooks; DPQ compresses the blocks"
+CONV_OUT_REASON = "conv_out writes the predicted noise, the most error-sensitive output; DPQ compresses only the blocks"
+TIME_REASON = "the timestep embedding: a small MLP run once per step, outside the blocks DPQ compresses"
+LABEL_REASON = "a lookup table (class labels in), not a block weight: each sample reads one row; DPQ keeps it dense"
+ADDED_REASON = "an added conditioning embedding (text time, image), outside the blocks DPQ compresses"
+
+
+def _diffusers():
+    return require("diffusers", "diffusion", "diffusion models")
+
+
+class ClassConditionalUNet(nn.Module):
+    """A class-conditional ``UNet2DModel`` as the diffusion model interface ``model(x, t, y) -> eps``
+    (``x`` float ``[B, C, H, W]``, ``t`` long ``[B]``, ``y`` long ``[B]``, null class ``num_class_embeds - 1``)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, class_labels=y).sample
+
+
+def unet_dir(path: Path) -> tuple[Path, str] | None:
+    """``(model directory, class name)`` of a diffusers U-Net model or pipeline directory, else None."""
+    for folder in (path, path / "unet"):
+        config = _read_json(folder / "config.json")
+        if config is not None and config.get("_class_name") in UNET_CLASSES:
+            return folder, config["_class_name"]
+    return None
+
+
+def _unet(model: nn.Module) -> nn.Module:
+    """The diffusers U-Net inside ``model`` (the wrapper's ``unet``, or the model itself)."""
+    return model.unet if isinstance(model, ClassConditionalUNet) else model
+
+
+def _prefix(model: nn.Module) -> str:
+    return "unet." if isinstance(model, ClassConditionalUNet) else ""
+
+
+def _wrap(unet: nn.Module) -> nn.Module:
+    """Class-conditional ``UNet2DModel`` -> :class:`ClassConditionalUNet`; any other U-Net unchanged."""
+    if type(unet).__name__ == "UNet2DModel" and unet.config.get("num_class_embeds"):
+        return ClassConditionalUNet(unet)
+    return unet
+
+
+@register_adapter("unet")
+class UNetAdapter(Adapter):
+    """diffusers U-Nets; calibration and evaluation for class-conditional Fashion-MNIST ``UNet2DModel``s."""
+
+    primary_metric = "fid"
+    higher_is_better = False
+    calib_options = {"class_dropout": Option(CLASS_DROPOUT, "probability a calibration label is replaced by the null class, as the model trains")}
+    eval_options = {
+        "steps": Option(50, "respaced DDPM sampling steps (DPQ reports 50, 100 and 250)"),
+        "cfg_scale": Option(CFG_SCALE, "classifier-free guidance scale on the epsilon channels (a float, e.g. 1.5)"),
+        "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
+        "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
+    }
+    loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
+
+    @classmethod
+    def recognises(cls, spec: str | None) -> bool:
+        """A diffusers U-Net directory (model or pipeline) or cached hub id; reads one JSON file."""
+        if spec is None:
+            return False
+        path = Path(str(spec)).expanduser()
+        if path.is_dir():
+            return unet_dir(path) is not None
+        snapshot = None if path.exists() else cached_snapshot(str(spec))
+        return snapshot is not None and unet_dir(snapshot) is not None
+
+    # ---- loading ----------------------------------------------------------------------------------
+    def load(self, spec: str | None) -> LoadedModel:
+        """The U-Net, float32 and in eval mode (class-conditional ``UNet2DModel``: wrapped, see the module docstring)."""
+        return self._build(spec, meta=False)
+
+    def meta_model(self, spec: str | None) -> LoadedModel:
+        """The architecture of ``spec`` on the meta device, no weights read (for ``compresskit estimate``)."""
+        return self._build(spec, meta=True)
+
+    def _build(self, spec: str | None, meta: bool) -> LoadedModel:
+        if spec is None:
+            raise CompressKitError("the unet adapter has no default model; pass a diffusers U-Net directory or a cached hub id")
+        path = Path(str(spec)).expanduser()
+        revision = None
+        if path.is_dir():
+            found = unet_dir(path)
+            if found is None:
+                raise CompressKitError(f"{path} has no config.json of a diffusers UNet2DModel or UNet2DConditionModel (nor unet/config.json); pass such a directory")
+        else:
+            snapshot = None if path.exists() else cached_snapshot(str(spec))
+            found = unet_dir(snapshot) if snapshot is not None else None
+            if found is None:
+                raise CompressKitError(f"U-Net {spec!r} not found: no local diffusers directory and no hub-cache snapshot of that id; pass one of those (nothing is downloaded)")
+            revision = snapshot.name
+        folder, class_name = found
+        cls = getattr(_diffusers(), class_name)
+        try:
+            if meta:
+                with torch.device("meta"):
+                    unet = cls.from_config(cls.load_config(str(folder), local_files_only=True))
+            else:
+                unet = cls.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CompressKitError(f"could not load the {class_name} in {folder}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; check that config.json and the weights are complete") from None
+        extras = {"layout": "diffusers", "class": class_name, "weights": None if meta else str(folder)}
+        return LoadedModel(_wrap(unet.float().eval()).eval(), str(spec), str(folder.resolve()), revision, extras)
+
+    # ---- structure --------------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> list[str] | None:
+        """``down_blocks.N``, ``mid_block``, ``up_blocks.N`` in execution order; unchained (skip connections)."""
+        unet, prefix = _unet(model), _prefix(model)
+        names = [f"down_blocks.{i}" for i in range(len(getattr(unet, "down_blocks", [])))]
+        names += ["mid_block"] if isinstance(getattr(unet, "mid_block", None), nn.Module) else []
+        names += [f"up_blocks.{i}" for i in range(len(getattr(unet, "up_blocks", [])))]
+        return [prefix + n for n in names] or None
+
+    def embeddings(self, model: nn.Module) -> dict[str, str]:
+        """What stays dense by default: ``conv_in`` and ``conv_out`` (the image's way in and the noise
+        prediction out), the timestep MLP and the class table (run once per step, outside the blocks,
+        as DPQ keeps DiT's embedders); every conv and linear inside the blocks is compressed."""
+        unet = _unet(model)
+        return _named(model, [
+            (getattr(unet, "conv_in", None), CONV_IN_REASON), (getattr(unet, "conv_out", None), CONV_OUT_REASON),
+            (getattr(unet, "time_embedding", None), TIME_REASON), (getattr(unet, "class_embedding", None), LABEL_REASON),
+            (getattr(unet, "add_embedding", None), ADDED_REASON), (getattr(unet, "encoder_hid_proj", None), ADDED_REASON),
+        ])
+
+    def example_inputs(self, loaded: LoadedModel) -> tuple[tuple, dict[str, Any]] | None:
+        """One sample of the model's own shapes: ``{"x", "t", "y"}`` for the wrapper, diffusers' keywords otherwise."""
+        model, unet = loaded.model, _unet(loaded.model)
+        c = unet.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        x = torch.randn(1, c.in_channels, size, size, generator=torch.Generator().manual_seed(0))  # [1, C, S, S]
+        if isinstance(model, ClassConditionalUNet):
+            return (), {"x": x, "t": torch.tensor([500]), "y": torch.tensor([1])}
+        kwargs: dict[str, Any] = {"sample": x, "timestep": torch.tensor([500]), "return_dict": False}
+        if type(unet).__name__ == "UNet2DConditionModel":
+            dim = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0]
+            kwargs["encoder_hidden_states"] = torch.zeros(1, 4, dim)
+        return (), kwargs
+
+    # ---- data and quality (the dit adapter's, for the same model interface) ----------------------
+    def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """``data.n_samples`` noised Fashion-MNIST training images carrying their noise
+        (:func:`.data.calibration_batches`): ``{"x", "t", "y", "noise"}``, one sample each."""
+        _fmnist_unet(loaded, "calibration data")
+        return fmnist.calibration_batches(
+            GaussianDiffusion.linear(), data.n_samples, seed=data.seed, class_dropout=_option(self, data, "class_dropout"), source=data.source
+        )
+
+    def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """Zero-data inputs (VQ4DiT, :func:`.ddpm.noise_batches`) of the U-Net's own shapes."""
+        model = _conditional(loaded, "zero-data calibration")
+        c = model.unet.config
+        classes = c.num_class_embeds - 1  # the last id is the null class
+        return ddpm.noise_batches(
+            data.n_samples, (c.in_channels, c.sample_size, c.sample_size), classes,
+            null_class=classes, seed=data.seed, class_dropout=_option(self, data, "class_dropout"),
+        )
+
+    def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The DDPM loss ``eps_mse(model(x, t, y), noise)`` (:func:`.ddpm.batch_loss`)."""
+        return ddpm.batch_loss(model, batch)
+
+    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
+        """``fid`` / ``is`` / ``fid_effnet`` of sampled images (:func:`.metrics.evaluate_sampler`), as the dit adapter."""
+        model = _fmnist_unet(loaded, "evaluation")
+        with torch.no_grad():
+            return evaluate_sampler(
+                model, steps=_option(self, spec, "steps"), n_samples=_option(self, spec, "n_samples"), seed=spec.seed,
+                cfg_scale=float(_option(self, spec, "cfg_scale")), effnet=_option(self, spec, "effnet"), source=spec.source,
+            )
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
+        """``unet.json``: ``{"class", "config"}``, the diffusers config the model was built from."""
+        unet = _unet(loaded.model)
+        if type(unet).__name__ not in UNET_CLASSES:
+            raise CompressKitError(f"the unet adapter cannot save the architecture of a {type(unet).__name__}; use compresskit.load(dir, model=...)")
+        saved = {"class": type(unet).__name__, "config": dict(unet.config)}
+        (Path(directory) / ARCHITECTURE_FILE).write_text(json.dumps(saved, indent=2, default=str))
+
+    def load_architecture(self, directory: Path) -> LoadedModel:
+        """A freshly initialised float32 U-Net of the saved config, wrapped as it was loaded."""
+        path = Path(directory) / ARCHITECTURE_FILE
+        saved = _read_json(path)
+        if not saved or saved.get("class") not in UNET_CLASSES or not isinstance(saved.get("config"), dict):
+            raise CompressKitError(f"{path} is missing or holds no U-Net architecture; the compressed model directory is incomplete")
+        unet = getattr(_diffusers(), saved["class"]).from_config(saved["config"])
+        extras = {"layout": "diffusers", "class": saved["class"], "weights": None}
+        return LoadedModel(_wrap(unet.float().eval()).eval(), str(directory), str(path), extras=extras)
+
+
+def _conditional(loaded: LoadedModel, what: str) -> ClassConditionalUNet:
+    if not isinstance(loaded.model, ClassConditionalUNet):
+        raise CompressKitError(
+            f"U-Net {what} supports class-conditional UNet2DModels (num_class_embeds set, called model(x, t, y)); this is "
+            f"a {type(loaded.model).__name__}. Compress it from the weights alone (--preset none) or pass calibration_data, and --no-eval"
+        )
+    return loaded.model
+
+
+def _fmnist_unet(loaded: LoadedModel, what: str) -> ClassConditionalUNet:
+    """The model, when it is a pixel-space Fashion-MNIST U-Net (1 channel, 32 x 32, 10 classes + null)."""
+    model = _conditional(loaded, what)
+    c = model.unet.config
+    want = (fmnist.IMAGE_SHAPE[0], fmnist.IMAGE_SHAPE[1], fmnist.NUM_CLASSES + 1)
+    if (c.in_channels, c.sample_size, c.num_class_embeds) != want:
+        raise CompressKitError(
+            f"U-Net {what} uses Fashion-MNIST (1 channel, 32 x 32 pixels, 10 classes + the null class 10); this U-Net takes "
+            f"{c.in_channels} channels of {c.sample_size} x {c.sample_size} and {c.num_class_embeds} class embeddings. "
+            "Use zero-data calibration (--preset zero-data) or pass calibration_data, and --no-eval"
+        )
+    return model
