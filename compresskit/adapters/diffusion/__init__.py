@@ -1,8 +1,10 @@
-"""The diffusion family: DiT and PixArt transformers (later U-Nets), in one folder.
+"""The diffusion family: DiT and PixArt transformers and diffusers U-Nets, in one folder.
 
-``dit`` (our readable DiT with the original checkpoints' names, and its shipped configs) and
-``adapter`` (:class:`DiTAdapter`, registered as ``"dit"``: loading, structure, architecture-only
-models for size estimates). diffusers is imported only when a diffusers model is loaded, so
+``dit`` (our readable DiT with the original checkpoints' names, and its shipped configs),
+``adapter`` (:class:`DiTAdapter`, registered as ``"dit"``) and ``unet`` (:class:`UNetAdapter`,
+``"unet"``): loading, structure, architecture-only models for size estimates, and for models of
+Fashion-MNIST's shape the DDPM calibration data and loss (``ddpm``, ``data``) and the Fréchet /
+IS-style evaluation (``metrics``). diffusers is imported only when a diffusers model is loaded, so
 importing this package is cheap.
 """
 from compresskit.adapters.diffusion.adapter import DEFAULT_SPEC, DiTAdapter, tie_copied_embedders
