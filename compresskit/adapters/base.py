@@ -178,6 +178,11 @@ class Adapter(ABC):
         """How far ``model``'s prediction on ``batch`` is from ``targets`` (scalar, 0 when equal)."""
         raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use the task or block objective")
 
+    def option(self, spec: DataSpec | EvalSpec, key: str) -> Any:
+        """``spec.options[key]``, or this adapter's declared default when the spec was built without it."""
+        declared = self.calib_options if isinstance(spec, DataSpec) else self.eval_options
+        return spec.options.get(key, declared[key].default)
+
     def supports(self, feature: str) -> bool:
         """Does this adapter implement the optional method ``feature`` (e.g. ``"distill_loss"``)?"""
         return getattr(type(self), feature) is not getattr(Adapter, feature)

@@ -33,12 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit.adapters.base import Adapter, Batch, DataSpec, EvalSpec, LoadedModel, Option, register_adapter
+from compresskit.adapters.base import LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
-from compresskit.adapters.diffusion import ddpm
-from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
 from compresskit.adapters.diffusion.dit import DiT, DiTConfig, config_from_shapes, looks_like_dit, shipped_configs
-from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
+from compresskit.adapters.diffusion.family import DiffusionAdapter
 from compresskit.errors import CompressKitError
 from compresskit.optional import require
 from compresskit.targets import module_layout
@@ -184,19 +182,8 @@ def _named(model: nn.Module, parts: list[tuple[nn.Module | None, str]]) -> dict[
 
 # ---- the adapter ---------------------------------------------------------------------------------
 @register_adapter("dit")
-class DiTAdapter(Adapter):
+class DiTAdapter(DiffusionAdapter):
     """Class-conditional DiTs (original layout or diffusers) and PixArt; see the module docstring."""
-
-    primary_metric = "fid"
-    higher_is_better = False
-    calib_options = {"class_dropout": Option(CLASS_DROPOUT, "probability a calibration label is replaced by the null class, as DiT trains")}
-    eval_options = {
-        "steps": Option(50, "respaced DDPM sampling steps (DPQ reports 50, 100 and 250)"),
-        "cfg_scale": Option(CFG_SCALE, "classifier-free guidance scale on the epsilon channels (a float, e.g. 1.5)"),
-        "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
-        "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
-    }
-    loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
 
     @classmethod
     def recognises(cls, spec: str | None) -> bool:
@@ -343,42 +330,19 @@ class DiTAdapter(Adapter):
         return (), kwargs
 
     # ---- data and quality -------------------------------------------------------------------------
-    def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
-        """``data.n_samples`` noised Fashion-MNIST training images (:func:`.data.calibration_batches`):
-        ``{"x": x_t float32 [1, 1, 32, 32], "t": long [1], "y": long [1], "noise": float32 [1, 1, 32, 32]}``,
-        labels dropped to the null class with probability ``class_dropout``; ``data.source`` is a
-        directory of the IDX files (``None``: the Debian package's)."""
-        _fmnist_dit(loaded, "calibration data")
-        return fmnist.calibration_batches(
-            GaussianDiffusion.linear(), data.n_samples, seed=data.seed, class_dropout=_option(self, data, "class_dropout"), source=data.source
-        )
+    # ---- the DDPM side (family.py) asks ----------------------------------------------------------
+    def denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:
+        return _dit(loaded, what)
 
-    def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
-        """Zero-data inputs (VQ4DiT, :func:`.ddpm.noise_batches`): ``{"x": Gaussian float32 [1, C, S, S],
-        "t": uniform long [1], "y": uniform long [1]}`` for any original-layout DiT, its own shapes."""
-        config = _dit(loaded, "zero-data calibration").config
-        return ddpm.noise_batches(
-            data.n_samples, (config.in_channels, config.input_size, config.input_size), config.num_classes,
-            null_class=config.num_classes, seed=data.seed, class_dropout=_option(self, data, "class_dropout"),
-        )
+    def fmnist_denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:
+        return _fmnist_dit(loaded, what)
 
-    def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The DDPM loss: ``eps_mse(model(x, t, y), noise)``, exact and deterministic (the batch carries its noise)."""
-        return ddpm.batch_loss(model, batch)
+    def input_shapes(self, model: nn.Module) -> tuple[tuple[int, int, int], int]:
+        c = model.config
+        return (c.in_channels, c.input_size, c.input_size), c.num_classes
 
-    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float]:
-        """``n_samples`` images sampled with ``steps`` respaced DDPM steps and guidance ``cfg_scale``
-        (:func:`.metrics.evaluate_sampler`, seeded by ``spec.seed``), against as many test images:
-        ``fid`` and ``is`` on the project's Fashion-MNIST classifier, ``fid_effnet`` on EfficientNet-Lite0
-        (or ``fid_effnet_skipped``, the reason), plus the settings used. Learned-sigma models sample
-        with their learned variance."""
-        model = _fmnist_dit(loaded, "evaluation")
-        with torch.no_grad():
-            return evaluate_sampler(
-                model, steps=_option(self, spec, "steps"), n_samples=_option(self, spec, "n_samples"), seed=spec.seed,
-                cfg_scale=float(_option(self, spec, "cfg_scale")), effnet=_option(self, spec, "effnet"), source=spec.source,
-                variance="learned" if model.config.learn_sigma else "fixed_small",
-            )
+    def sampling_variance(self, model: nn.Module) -> str:
+        return "learned" if model.config.learn_sigma else "fixed_small"
 
     # ---- persistence ------------------------------------------------------------------------------
     def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
@@ -419,12 +383,6 @@ ORIGINAL_ONLY = (
     "model. Convert it to the original layout, or compress it from the weights alone (--preset none) and "
     "pass calibration_data=[{...model kwargs...}] for calibration"
 )
-
-
-def _option(adapter: Adapter, spec: DataSpec | EvalSpec, key: str) -> Any:
-    """``spec.options[key]``, or the declared default when the spec was built without it."""
-    declared = adapter.calib_options if isinstance(spec, DataSpec) else adapter.eval_options
-    return spec.options.get(key, declared[key].default)
 
 
 def _dit(loaded: LoadedModel, what: str) -> DiT:

@@ -29,12 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compresskit.adapters.base import Adapter, Batch, DataSpec, EvalSpec, LoadedModel, Option, register_adapter
+from compresskit.adapters.base import LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
-from compresskit.adapters.diffusion import ddpm
-from compresskit.adapters.diffusion.adapter import _named, _option, _read_json, cached_snapshot
-from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
-from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
+from compresskit.adapters.diffusion.adapter import _named, _read_json, cached_snapshot
+from compresskit.adapters.diffusion.family import DiffusionAdapter
 from compresskit.errors import CompressKitError
 from compresskit.optional import require
 
@@ -90,19 +88,8 @@ def _wrap(unet: nn.Module) -> nn.Module:
 
 
 @register_adapter("unet")
-class UNetAdapter(Adapter):
+class UNetAdapter(DiffusionAdapter):
     """diffusers U-Nets; calibration and evaluation for class-conditional Fashion-MNIST ``UNet2DModel``s."""
-
-    primary_metric = "fid"
-    higher_is_better = False
-    calib_options = {"class_dropout": Option(CLASS_DROPOUT, "probability a calibration label is replaced by the null class, as the model trains")}
-    eval_options = {
-        "steps": Option(50, "respaced DDPM sampling steps (DPQ reports 50, 100 and 250)"),
-        "cfg_scale": Option(CFG_SCALE, "classifier-free guidance scale on the epsilon channels (a float, e.g. 1.5)"),
-        "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
-        "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
-    }
-    loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
 
     @classmethod
     def recognises(cls, spec: str | None) -> bool:
@@ -186,37 +173,16 @@ class UNetAdapter(Adapter):
             kwargs["encoder_hidden_states"] = torch.zeros(1, 4, dim)
         return (), kwargs
 
-    # ---- data and quality (the dit adapter's, for the same model interface) ----------------------
-    def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
-        """``data.n_samples`` noised Fashion-MNIST training images carrying their noise
-        (:func:`.data.calibration_batches`): ``{"x", "t", "y", "noise"}``, one sample each."""
-        _fmnist_unet(loaded, "calibration data")
-        return fmnist.calibration_batches(
-            GaussianDiffusion.linear(), data.n_samples, seed=data.seed, class_dropout=_option(self, data, "class_dropout"), source=data.source
-        )
+    # ---- the DDPM side (family.py) asks ----------------------------------------------------------
+    def denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:
+        return _conditional(loaded, what)
 
-    def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
-        """Zero-data inputs (VQ4DiT, :func:`.ddpm.noise_batches`) of the U-Net's own shapes."""
-        model = _conditional(loaded, "zero-data calibration")
+    def fmnist_denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:
+        return _fmnist_unet(loaded, what)
+
+    def input_shapes(self, model: nn.Module) -> tuple[tuple[int, int, int], int]:
         c = model.unet.config
-        classes = c.num_class_embeds - 1  # the last id is the null class
-        return ddpm.noise_batches(
-            data.n_samples, (c.in_channels, c.sample_size, c.sample_size), classes,
-            null_class=classes, seed=data.seed, class_dropout=_option(self, data, "class_dropout"),
-        )
-
-    def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The DDPM loss ``eps_mse(model(x, t, y), noise)`` (:func:`.ddpm.batch_loss`)."""
-        return ddpm.batch_loss(model, batch)
-
-    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
-        """``fid`` / ``is`` / ``fid_effnet`` of sampled images (:func:`.metrics.evaluate_sampler`), as the dit adapter."""
-        model = _fmnist_unet(loaded, "evaluation")
-        with torch.no_grad():
-            return evaluate_sampler(
-                model, steps=_option(self, spec, "steps"), n_samples=_option(self, spec, "n_samples"), seed=spec.seed,
-                cfg_scale=float(_option(self, spec, "cfg_scale")), effnet=_option(self, spec, "effnet"), source=spec.source,
-            )
+        return (c.in_channels, c.sample_size, c.sample_size), c.num_class_embeds - 1  # the last id is the null class
 
     # ---- persistence ------------------------------------------------------------------------------
     def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:

@@ -53,12 +53,6 @@ def _tokenizer(loaded: LoadedModel):
     return tokenizer
 
 
-def _option(adapter: Adapter, spec: DataSpec | EvalSpec, key: str) -> Any:
-    """``spec.options[key]``, or the declared default when the spec was built without it."""
-    declared = adapter.calib_options if isinstance(spec, DataSpec) else adapter.eval_options
-    return spec.options.get(key, declared[key].default)
-
-
 def _load_tokenizer(directory: Path, **kwargs):
     try:
         return _transformers().AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
@@ -196,7 +190,7 @@ class CausalLMAdapter(Adapter):
         """``data.n_samples`` batches ``{"input_ids": LongTensor [1, seq_len], "use_cache": False}``,
         sampled (seeded) from after the text's evaluation head."""
         tokens = token_stream(_tokenizer(loaded), data.source)
-        windows = calib_windows(tokens, data.n_samples, _option(self, data, "seq_len"), seed=data.seed)
+        windows = calib_windows(tokens, data.n_samples, self.option(data, "seq_len"), seed=data.seed)
         return [{"input_ids": w.unsqueeze(0), "use_cache": False} for w in windows]  # w: [seq_len]
 
     def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
@@ -204,7 +198,7 @@ class CausalLMAdapter(Adapter):
         the token embedding table's mean and std (zero-data calibration, VQ4DiT)."""
         emb = loaded.model.get_input_embeddings().weight.detach()  # [vocab, hidden]
         mean, std = float(emb.mean()), float(emb.std())
-        seq_len = _option(self, data, "seq_len")
+        seq_len = self.option(data, "seq_len")
         gen = torch.Generator().manual_seed(data.seed)
         return [
             {"inputs_embeds": torch.randn(1, seq_len, emb.shape[1], generator=gen) * std + mean, "use_cache": False}
@@ -215,7 +209,7 @@ class CausalLMAdapter(Adapter):
         """Perplexity over the first ``eval_tokens`` tokens of ``spec.source`` in ``window``-token
         windows: ``{"perplexity", "nll_mean" (nats/token), "n_tokens" (predicted), "seconds"}``."""
         tokens = token_stream(_tokenizer(loaded), spec.source)
-        windows = eval_windows(tokens, _option(self, spec, "eval_tokens"), _option(self, spec, "window"))
+        windows = eval_windows(tokens, self.option(spec, "eval_tokens"), self.option(spec, "window"))
         return perplexity(loaded.model, windows)
 
     def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""What every adapter of the diffusion family shares: DDPM calibration data, loss and evaluation.
+
+A family adapter (DiT, U-Net) says only how to find its model as ``model(x, t, y) -> out`` and the
+shapes it takes; the data (Fashion-MNIST noised at uniform timesteps, carrying its noise), the DDPM
+loss, the zero-data inputs and the Fréchet / IS-style evaluation are defined once, here.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+import torch
+from torch import nn
+
+from compresskit.adapters.base import Adapter, Batch, DataSpec, EvalSpec, LoadedModel, Option
+from compresskit.adapters.diffusion import data as fmnist
+from compresskit.adapters.diffusion import ddpm
+from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
+from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
+
+
+class DiffusionAdapter(Adapter):
+    """The DDPM side of a diffusion family's adapter. Subclasses implement :meth:`denoiser`,
+    :meth:`fmnist_denoiser` and :meth:`input_shapes` (and may override :meth:`sampling_variance`)."""
+
+    primary_metric = "fid"
+    higher_is_better = False
+    calib_options = {"class_dropout": Option(CLASS_DROPOUT, "probability a calibration label is replaced by the null class, as the model trains")}
+    eval_options = {
+        "steps": Option(50, "respaced DDPM sampling steps (DPQ reports 50, 100 and 250)"),
+        "cfg_scale": Option(CFG_SCALE, "classifier-free guidance scale on the epsilon channels (a float, e.g. 1.5)"),
+        "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
+        "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
+    }
+    loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
+
+    # ---- what a family says about its model -----------------------------------------------------
+    @abstractmethod
+    def denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:
+        """The model as ``model(x, t, y) -> out``; one clear error (naming ``what`` was asked) when it cannot be called so."""
+
+    @abstractmethod
+    def fmnist_denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:
+        """:meth:`denoiser`, when it is a pixel-space Fashion-MNIST model (1 channel, 32 x 32, 10
+        classes + the null class 10); one clear error otherwise."""
+
+    @abstractmethod
+    def input_shapes(self, model: nn.Module) -> tuple[tuple[int, int, int], int]:
+        """``((channels, height, width), number of classes)`` the denoiser takes; the null class is that number."""
+
+    def sampling_variance(self, model: nn.Module) -> str:
+        """The reverse-process variance to sample with (``"fixed_small"``, or ``"learned"`` for 2C outputs)."""
+        return "fixed_small"
+
+    # ---- the shared DDPM side -------------------------------------------------------------------
+    def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """``data.n_samples`` noised Fashion-MNIST training images (:func:`.data.calibration_batches`):
+        ``{"x": x_t float32 [1, 1, 32, 32], "t": long [1], "y": long [1], "noise": float32 [1, 1, 32, 32]}``,
+        labels dropped to the null class with probability ``class_dropout``; ``data.source`` is a
+        directory of the IDX files (``None``: the Debian package's)."""
+        self.fmnist_denoiser(loaded, "calibration data")
+        return fmnist.calibration_batches(
+            GaussianDiffusion.linear(), data.n_samples, seed=data.seed, class_dropout=self.option(data, "class_dropout"), source=data.source
+        )
+
+    def noise_batches(self, loaded: LoadedModel, data: DataSpec) -> list[Batch]:
+        """Zero-data inputs (VQ4DiT, :func:`.ddpm.noise_batches`): Gaussian images of the model's own
+        shapes at uniform timesteps, uniform classes, ``{"x", "t", "y"}``."""
+        shape, classes = self.input_shapes(self.denoiser(loaded, "zero-data calibration"))
+        return ddpm.noise_batches(
+            data.n_samples, shape, classes, null_class=classes, seed=data.seed, class_dropout=self.option(data, "class_dropout"),
+        )
+
+    def task_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The DDPM loss: ``eps_mse(model(x, t, y), noise)``, exact and deterministic (the batch carries its noise)."""
+        return ddpm.batch_loss(model, batch)
+
+    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
+        """``n_samples`` images sampled with ``steps`` respaced DDPM steps and guidance ``cfg_scale``
+        (:func:`.metrics.evaluate_sampler`, seeded by ``spec.seed``), against as many test images:
+        ``fid`` and ``is`` on the project's Fashion-MNIST classifier, ``fid_effnet`` on EfficientNet-Lite0
+        (or ``fid_effnet_skipped``, the reason), plus the settings used."""
+        model = self.fmnist_denoiser(loaded, "evaluation")
+        with torch.no_grad():
+            return evaluate_sampler(
+                model, steps=self.option(spec, "steps"), n_samples=self.option(spec, "n_samples"), seed=spec.seed,
+                cfg_scale=float(self.option(spec, "cfg_scale")), effnet=self.option(spec, "effnet"), source=spec.source,
+                variance=self.sampling_variance(model),
+            )
+
