@@ -2,6 +2,7 @@
 
 Model specs, all read from this machine only:
 
+* ``fmnist-dit``: the project's reference model (:mod:`.reference`), trained on Fashion-MNIST;
 * an alias, one JSON file of ``configs/`` (``dit-xl-2-256``: the layout of ``facebook/DiT-XL-2-256``);
   its weights come from the hub cache when that model is there (diffusers' layout); without weights
   it still builds the architecture, which is all ``compresskit estimate`` needs;
@@ -37,6 +38,7 @@ from compresskit.adapters.base import LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion.dit import DiT, DiTConfig, config_from_shapes, looks_like_dit, shipped_configs
 from compresskit.adapters.diffusion.family import DiffusionAdapter
+from compresskit.adapters.diffusion.reference import is_reference, reference_files
 from compresskit.errors import CompressKitError
 from compresskit.optional import require
 from compresskit.targets import module_layout
@@ -138,8 +140,9 @@ def _file_config(path: Path, shapes: dict[str, torch.Tensor]) -> DiTConfig:
         hint = " (keys of diffusers' layout: pass the directory with its config.json)" if any(k.startswith("transformer_blocks.") for k in shapes) else ""
         raise CompressKitError(f"{path} does not hold a DiT of the original layout{hint}; pass a DiT checkpoint such as DiT-XL-2-256x256.pt")
     sidecar = _read_json(path.with_suffix(".json"))
-    if sidecar is not None:
-        return DiTConfig.from_dict(sidecar.get("architecture", sidecar))
+    if sidecar is not None:  # a DiTConfig, {"architecture": DiTConfig}, or the training script's {"architecture": "dit", "model": DiTConfig}
+        config = sidecar.get("architecture", sidecar)
+        return DiTConfig.from_dict(sidecar.get("model") if config == "dit" else config)
     return config_from_shapes({k: tuple(v.shape) for k, v in shapes.items()})
 
 
@@ -192,7 +195,7 @@ class DiTAdapter(DiffusionAdapter):
         if spec is None:
             return False
         spec = str(spec)
-        if spec.lower() in shipped_configs():
+        if spec.lower() in shipped_configs() or is_reference(spec, "dit"):
             return True
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
@@ -217,6 +220,9 @@ class DiTAdapter(DiffusionAdapter):
         return self._build(DEFAULT_SPEC if spec is None else str(spec), meta=True)
 
     def _build(self, spec: str, meta: bool) -> LoadedModel:
+        if is_reference(spec, "dit"):
+            weights, _ = reference_files(spec)
+            return self._file(spec, weights, meta)
         aliases = shipped_configs()
         if spec.lower() in aliases:
             entry = aliases[spec.lower()]
@@ -245,7 +251,7 @@ class DiTAdapter(DiffusionAdapter):
         if snapshot is not None and diffusers_dir(snapshot) is not None:
             return self._diffusers(spec, snapshot, meta, revision=snapshot.name)
         raise CompressKitError(
-            f"DiT model {spec!r} not found: no alias ({', '.join(aliases)}), no local .pt/.safetensors file or diffusers "
+            f"DiT model {spec!r} not found: no alias ({', '.join([*aliases, 'fmnist-dit'])}), no local .pt/.safetensors file or diffusers "
             "directory, no hub-cache snapshot of that id; pass one of those (nothing is downloaded)"
         )
 

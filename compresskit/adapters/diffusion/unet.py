@@ -1,6 +1,7 @@
 """diffusers U-Nets (``UNet2DModel``, ``UNet2DConditionModel``): the ``unet`` adapter.
 
-Model specs, read from this machine only: a diffusers model directory (``config.json`` whose
+Model specs, read from this machine only: ``fmnist-unet`` (the project's reference model,
+:mod:`.reference`), a diffusers model directory (``config.json`` whose
 ``_class_name`` is ``UNet2DModel`` or ``UNet2DConditionModel``), a pipeline directory with such a
 ``unet/``, or the hub id of either in the local cache (``local_files_only=True``).
 
@@ -33,6 +34,7 @@ from compresskit.adapters.base import LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion.adapter import _named, _read_json, cached_snapshot
 from compresskit.adapters.diffusion.family import DiffusionAdapter
+from compresskit.adapters.diffusion.reference import is_reference, reference_files
 from compresskit.errors import CompressKitError
 from compresskit.optional import require
 
@@ -96,6 +98,8 @@ class UNetAdapter(DiffusionAdapter):
         """A diffusers U-Net directory (model or pipeline) or cached hub id; reads one JSON file."""
         if spec is None:
             return False
+        if is_reference(spec, "unet2d"):
+            return True
         path = Path(str(spec)).expanduser()
         if path.is_dir():
             return unet_dir(path) is not None
@@ -113,7 +117,9 @@ class UNetAdapter(DiffusionAdapter):
 
     def _build(self, spec: str | None, meta: bool) -> LoadedModel:
         if spec is None:
-            raise CompressKitError("the unet adapter has no default model; pass a diffusers U-Net directory or a cached hub id")
+            raise CompressKitError("the unet adapter has no default model; pass fmnist-unet, a diffusers U-Net directory or a cached hub id")
+        if is_reference(spec, "unet2d"):
+            return self._reference(str(spec), meta)
         path = Path(str(spec)).expanduser()
         revision = None
         if path.is_dir():
@@ -138,6 +144,21 @@ class UNetAdapter(DiffusionAdapter):
             raise CompressKitError(f"could not load the {class_name} in {folder}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; check that config.json and the weights are complete") from None
         extras = {"layout": "diffusers", "class": class_name, "weights": None if meta else str(folder)}
         return LoadedModel(_wrap(unet.float().eval()).eval(), str(spec), str(folder.resolve()), revision, extras)
+
+    def _reference(self, spec: str, meta: bool) -> LoadedModel:
+        """``fmnist-unet``: the training script's ``UNet2DModel`` keyword arguments and EMA weights."""
+        weights, config = reference_files(spec)
+        with torch.device("meta" if meta else "cpu"):
+            unet = _diffusers().UNet2DModel(**config["model"])
+        if not meta:
+            from safetensors.torch import load_file
+
+            try:
+                unet.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=True)
+            except RuntimeError as err:
+                raise CompressKitError(f"{weights} does not match its .json config: {str(err).splitlines()[0]}; re-run bench/train_fmnist_reference.py --model unet") from None
+        extras = {"layout": "diffusers", "class": "UNet2DModel", "weights": None if meta else str(weights)}
+        return LoadedModel(_wrap(unet.float().eval()).eval(), spec, str(weights), None, extras)
 
     # ---- structure --------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> list[str] | None:

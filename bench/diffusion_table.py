@@ -1,0 +1,140 @@
+"""Issue 13's evidence: FP against rtn, gptq, vq, pq and pq + EM on the reference diffusion models.
+
+Each configuration loads the reference model fresh (``fmnist-dit`` or ``fmnist-unet``), compresses
+it through the front door (``compresskit.compress`` with the family's adapter: the blocks'
+attention / MLP / AdaLN / conv weights; embedders, ``conv_in`` / ``conv_out`` and the final layer
+dense, as the adapters document), samples ``--n-samples`` images with ``--steps`` respaced DDPM
+steps and CFG 1.5 (the same seeds and balanced labels for every row) and scores them
+(``fid``, ``is``, ``fid_effnet``; see docs/diffusion.md). One JSON line per configuration.
+
+    python bench/diffusion_table.py --model fmnist-dit --out docs/diffusion_fmnist_dit.jsonl
+    python bench/diffusion_table.py --table docs/diffusion_fmnist_dit.jsonl docs/diffusion_fmnist_unet.jsonl
+
+What each method row gets (``--methods``, default all):
+
+* ``rtn``, ``vq``, ``pq``: from the weights alone (k-means / rounding, no data);
+* ``gptq``: GPTQ needs the layers' input statistics: the block walk of ``--preset fast``
+  (``--calib-samples`` noised training images, :meth:`DiffusionAdapter.calibration_batches`);
+* ``pq+em``: DPQ's calibration: the ``fast`` block walk (activation-aware E-step, layer-wise
+  centroid rounds) and then ``--em-rounds`` whole-model EM rounds whose M-step trains the codebooks
+  with the DDPM loss (``m_objective="task"``) on ``--m-samples`` timestep-sampled images with class
+  dropout 0.1, dead centroids re-initialised, and an E-step after it.
+
+``seconds_compress`` is the wall time of ``compress`` (calibration included); ``seconds_eval`` the
+sampling and scoring. Figures are from whatever machine runs it: report medians of repeated runs
+where they matter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("rtn", "gptq", "vq", "pq", "pq+em")
+
+
+def calibration_for(method: str, args: argparse.Namespace):
+    """The :class:`CalibrationConfig` of ``method``'s row (``None``: from the weights alone)."""
+    from compresskit import CalibrationConfig
+
+    if method == "gptq":
+        return CalibrationConfig.preset("fast", n_samples=args.calib_samples)
+    if method == "pq+em":
+        return CalibrationConfig.preset(
+            "fast", n_samples=args.calib_samples, m_objective="task", em_rounds=args.em_rounds, m_steps=args.m_steps,
+            m_samples=args.m_samples, m_batch=args.m_batch, lr=args.lr,
+        )
+    return None
+
+
+def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace) -> dict:
+    from compresskit import CompressConfig, compress
+    from compresskit.adapters import adapter_for
+
+    adapter = adapter_for(model)()
+    loaded = adapter.load(model)
+    spec = adapter.eval_spec(options={"n_samples": args.n_samples, "steps": args.steps, "effnet": not args.no_effnet})
+    row: dict = {"model": model, "method": method, "bits": bits, "n_samples": args.n_samples, "steps": args.steps}
+    t0 = time.perf_counter()
+    if method == "fp":
+        n = sum(p.numel() for p in loaded.model.parameters())
+        row.update(size_mb=n * 2 / 1e6, bits_per_weight_all_in=16.0, bits_per_weight_layers=16.0, calibration={})
+    else:
+        calibration = calibration_for(method, args)
+        base = "pq" if method == "pq+em" else method
+        report = compress(loaded, CompressConfig(method=base, bits=bits), adapter=adapter, calibration=calibration)
+        d = report.to_dict()
+        row.update(
+            size_mb=d["compressed_bytes"] / 1e6, fp16_mb=d["original_fp16_bytes"] / 1e6, ratio=d["ratio"],
+            bits_per_weight_all_in=d["bits_per_weight_all_in"], bits_per_weight_layers=d["bits_per_weight_compressed_layers"],
+            n_layers=d["n_layers_compressed"], calibration=d["calibration"],
+        )
+    row["seconds_compress"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    row.update(adapter.evaluate(loaded, spec))
+    row["seconds_eval"] = time.perf_counter() - t1
+    return row
+
+
+def table(paths: list[str]) -> None:
+    """A markdown table of the rows in ``paths``, with each model's FP row as the ``x FP`` reference."""
+    rows = [json.loads(line) for p in paths for line in open(p, encoding="utf-8") if line.strip()]
+    fp = {r["model"]: r for r in rows if r["method"] == "fp"}
+    print("| model | method | bits | bits/weight (layers) | size MB | fid | x FP | fid_effnet | x FP | is | compress s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = fp.get(r["model"], {})
+        ratio = lambda k: f"{r[k] / ref[k]:.2f}" if ref.get(k) and r.get(k) is not None else "-"  # noqa: E731
+        effnet = f"{r['fid_effnet']:.2f}" if "fid_effnet" in r else "-"
+        print(
+            f"| {r['model']} | {r['method']} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['size_mb']:.3f} | "
+            f"{r['fid']:.2f} | {ratio('fid')} | {effnet} | {ratio('fid_effnet')} | {r['is']:.2f} | {r['seconds_compress']:.0f} | {r['seconds_eval']:.0f} |"
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fmnist-dit", help="fmnist-dit | fmnist-unet (or any model the diffusion adapters evaluate)")
+    p.add_argument("--methods", default="fp," + ",".join(METHODS), help="comma-separated: fp and any of " + ", ".join(METHODS))
+    p.add_argument("--bits", default="4,2,1")
+    p.add_argument("--n-samples", type=int, default=500, help="generated images per row, scored against as many test images")
+    p.add_argument("--steps", type=int, default=50, help="respaced DDPM sampling steps")
+    p.add_argument("--no-effnet", action="store_true", help="skip fid_effnet (EfficientNet-Lite0 at 224 px is the slow part)")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--em-rounds", type=int, default=1)
+    p.add_argument("--m-steps", type=int, default=100)
+    p.add_argument("--m-samples", type=int, default=256)
+    p.add_argument("--m-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, help="append one JSON line per configuration here")
+    p.add_argument("--table", nargs="+", help="print the markdown table of these JSON-lines files and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.table:
+        return table(args.table)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - {"fp", *METHODS})
+    if unknown:
+        sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from fp, {', '.join(METHODS)}")
+    for method in methods:
+        for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
+            row = run_one(args.model, method, bits, args)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
