@@ -88,7 +88,8 @@ class Adapter(ABC):
     models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options.
 
     Required: :meth:`load`, :meth:`calibration_batches`, :meth:`evaluate`. Everything else is optional
-    and says so with one clear error when a feature that needs it is asked for.
+    and says so with one clear error when a feature that needs it is asked for; an image family adds
+    :meth:`sample` and :meth:`class_names` (and ``sample_options``) for ``compresskit sample``.
     """
 
     name: ClassVar[str] = ""
@@ -98,6 +99,7 @@ class Adapter(ABC):
     higher_is_better: ClassVar[bool] = False
     calib_options: ClassVar[dict[str, Option]] = {}
     eval_options: ClassVar[dict[str, Option]] = {}
+    sample_options: ClassVar[dict[str, Option]] = {}  # for :meth:`sample`, when the family can draw pictures
     # batch entries the task loss reads but the model does not take (a diffusion batch's noise): the
     # calibrator leaves them out of every model call
     loss_keys: ClassVar[tuple[str, ...]] = ()
@@ -187,6 +189,17 @@ class Adapter(ABC):
         """Does this adapter implement the optional method ``feature`` (e.g. ``"distill_loss"``)?"""
         return getattr(type(self), feature) is not getattr(Adapter, feature)
 
+    # ---- optional: pictures (``compresskit sample``) -------------------------------------------
+    def sample(self, loaded: LoadedModel, labels: torch.Tensor, seed: int = 0, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Images of classes ``labels`` (long ``[N]``, each in ``range(len(class_names(loaded)))``):
+        float ``[N, C, H, W]`` in [-1, 1], ``C`` 1 (grey) or 3 (RGB). The same model, labels, seed and
+        options give the same images; ``options`` are :attr:`sample_options` (see :meth:`sample_settings`)."""
+        raise CompressKitError(f"the {self.name!r} adapter cannot sample pictures; `compresskit sample` needs an image model (e.g. the dit or unet adapter)")
+
+    def class_names(self, loaded: LoadedModel) -> tuple[str, ...]:
+        """The names of the classes :meth:`sample` takes, label ``i``'s at index ``i``."""
+        raise CompressKitError(f"the {self.name!r} adapter has no classes to sample")
+
     # ---- optional: persistence ----------------------------------------------------------------
     def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
         """Write what :meth:`load_architecture` needs to rebuild an empty model (config, tokenizer)."""
@@ -215,6 +228,10 @@ class Adapter(ABC):
     def eval_spec(self, source: str | None = None, seed: int = 0, options: Mapping[str, Any] | None = None) -> EvalSpec:
         """An :class:`EvalSpec` with this family's options validated and their defaults filled in."""
         return EvalSpec(source, seed, _options(self.name, "evaluation", self.eval_options, options or {}))
+
+    def sample_settings(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:attr:`sample_options` validated, their defaults filled in (what :meth:`sample` will use)."""
+        return _options(self.name, "sampling", self.sample_options, options or {})
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

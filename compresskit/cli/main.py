@@ -1,4 +1,4 @@
-"""The ``compresskit`` command (Typer): quantize, eval, info, methods, estimate.
+"""The ``compresskit`` command (Typer): quantize, eval, sample, info, methods, estimate.
 
 Every command prints a readable table, or one JSON document with ``--json``. Bad input (unknown
 method, bits out of range, missing model, unreadable file) ends with a one-line ``error: ...`` on
@@ -148,6 +148,40 @@ def evaluate_command(
 
     result = run_eval(model, adapter, eval_data, _params(option, "--option"), quiet=as_json)
     output.print_json(result) if as_json else output.metrics_table(result)
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    """``"0,3,7"`` -> (0, 3, 7); one error for anything that is not integers joined by commas."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CompressKitError(f"{flag} {text!r} must be class ids joined by commas, e.g. {flag} 0,3,7") from None
+
+
+@app.command()
+def sample(
+    model: str = typer.Option(..., help="A compressed-model directory, or a model spec as for quantize (an image model: dit, unet)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Pictures to draw, 1 to 256 (default: as many as --labels, else 16)."),
+    out: str = typer.Option(..., help="The PNG file to write (its directory must exist)."),
+    labels: Optional[str] = typer.Option(None, help="Class ids, e.g. 0,3,7, repeated to --n pictures (default: 0, 1, 2, ... over the model's classes)."),
+    seed: int = typer.Option(0, help="Seed of the start and step noise: the same seed, the same pictures."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the family's, 50 respaced DDPM steps)."),
+    cfg_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the family's, 1.5)."),
+    compare: Optional[str] = typer.Option(None, help="A second model drawn with the same labels and seed, shown on the right."),
+    adapter: Optional[str] = typer.Option(None, help="Model family adapter (default: the one the manifest records or that recognises MODEL)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Draw pictures from an image model into one PNG grid, each captioned with its class; --compare puts a second model beside it."""
+    from compresskit.cli.sample import SampleRequest, run_sample
+
+    options = {k: v for k, v in (("steps", steps), ("cfg_scale", cfg_scale)) if v is not None}
+    request = SampleRequest(
+        model=model, out=out, n=n, labels=None if labels is None else _int_list(labels, "--labels"), seed=seed,
+        options=options, compare=compare, adapter=adapter, overwrite=overwrite,
+    )
+    result = run_sample(request, quiet=as_json)
+    output.print_json(result) if as_json else output.sample_summary(result)
 
 
 @app.command()

@@ -58,6 +58,15 @@ def metrics_table(result: dict[str, Any]) -> None:
     console.print(t)
 
 
+def sample_summary(result: dict[str, Any]) -> None:
+    options = ", ".join(f"{k} {v}" for k, v in result["options"].items())
+    drawn = " | ".join(m["title"] for m in result["models"])
+    console.print(
+        f"wrote {escape(result['out'])}: {result['n']} pictures from {escape(drawn)} (seed {result['seed']}, {escape(options)}), "
+        f"{result['width']} x {result['height']} px", highlight=False, soft_wrap=True,
+    )
+
+
 def quantize_summary(result: dict[str, Any]) -> None:
     rep = result["report"]
     t = Table(title=f"{result['model']} -> {result['method']}:{result['bits']}")

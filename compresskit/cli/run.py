@@ -1,4 +1,5 @@
-"""The work behind ``compresskit quantize`` and ``compresskit eval``, with rich progress output."""
+"""The work behind ``compresskit quantize`` and ``compresskit eval``, with rich progress output; how a model or a
+compressed-model directory is opened (``compresskit sample`` too)."""
 from __future__ import annotations
 
 import time
@@ -175,17 +176,35 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     }
 
 
-def run_eval(spec: str, adapter_name: str | None, eval_data: str | None, options: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+def model_adapter(spec: str, adapter_name: str | None):
+    """The adapter for ``spec``, nothing loaded: ``adapter_name``'s, else the one a compressed-model
+    directory's manifest records, else the one that recognises the model spec."""
+    from compresskit.adapters import get_adapter
+    from compresskit.io import MANIFEST, read_manifest
+
+    if (Path(spec) / MANIFEST).is_file():
+        name = adapter_name or read_manifest(spec)["source"].get("adapter")
+        if not name:
+            raise CompressKitError(f"{spec} records no adapter to rebuild the model; pass --adapter NAME")
+        return get_adapter(name)()
+    return pick_adapter(spec, adapter_name)
+
+
+def load_model(spec: str, adapter, quiet: bool = False):
+    """``spec`` loaded by ``adapter``: a compressed-model directory rebuilt and its weights read, else the model spec."""
     from compresskit.io import MANIFEST, load_compressed
 
     if (Path(spec) / MANIFEST).is_file():
         with _step(f"loading compressed model {spec}", quiet):
-            loaded, adapter = load_compressed(spec, adapter_name)
-    else:
-        adapter = pick_adapter(spec, adapter_name)
-        with _step(f"loading {spec}", quiet):
-            loaded = adapter.load(spec)
+            return load_compressed(spec, adapter.name)[0]
+    with _step(f"loading {spec}", quiet):
+        return adapter.load(spec)
+
+
+def run_eval(spec: str, adapter_name: str | None, eval_data: str | None, options: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+    adapter = model_adapter(spec, adapter_name)
     eval_spec = adapter.eval_spec(eval_data, options=options)
+    loaded = load_model(spec, adapter, quiet)
     with _step("evaluating", quiet):
         metrics = adapter.evaluate(loaded, eval_spec)
     return {"model": spec, "adapter": adapter.name, "primary_metric": adapter.primary_metric, "metrics": metrics}

@@ -1,12 +1,15 @@
-"""What every adapter of the diffusion family shares: DDPM calibration data, loss and evaluation.
+"""What every adapter of the diffusion family shares: DDPM calibration data, loss, evaluation and sampling.
 
 A family adapter (DiT, U-Net) says only how to find its model as ``model(x, t, y) -> out`` and the
 shapes it takes; the data (Fashion-MNIST noised at uniform timesteps, carrying its noise), the DDPM
-loss, the zero-data inputs and the Fréchet / IS-style evaluation are defined once, here.
+loss, the zero-data inputs, the Fréchet / IS-style evaluation and sampling pictures (``compresskit
+sample``) are defined once, here.
 """
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
@@ -15,6 +18,9 @@ from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion import ddpm
 from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
 from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
+from compresskit.errors import CompressKitError
+
+PICTURE_CHANNELS = (1, 3)  # grey or RGB pixels; other channel counts are latents, which need a VAE to be seen
 
 
 class DiffusionAdapter(Adapter):
@@ -30,6 +36,7 @@ class DiffusionAdapter(Adapter):
         "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
         "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
     }
+    sample_options = {"steps": eval_options["steps"], "cfg_scale": eval_options["cfg_scale"]}  # pictures are drawn as evaluation draws them
     loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
 
     # ---- what a family says about its model -----------------------------------------------------
@@ -86,3 +93,33 @@ class DiffusionAdapter(Adapter):
                 variance=self.sampling_variance(model),
             )
 
+
+    def sample(self, loaded: LoadedModel, labels: torch.Tensor, seed: int = 0, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Pictures of classes ``labels`` (long ``[N]``) as :meth:`evaluate` samples them: ``steps``
+        respaced DDPM steps, guidance ``cfg_scale``, start and step noise from ``seed``. Float
+        ``[N, C, H, W]`` in [-1, 1]; pixel-space models only (1 or 3 channels)."""
+        model = self.denoiser(loaded, "sampling")
+        shape, classes = self.input_shapes(model)
+        if shape[0] not in PICTURE_CHANNELS:
+            raise CompressKitError(
+                f"this model samples {shape[0]}-channel latents, not pictures; sampling needs a pixel-space model "
+                "(1 or 3 channels): decoding latents with a VAE is not supported"
+            )
+        labels = torch.as_tensor(labels, dtype=torch.long)  # [N]
+        if labels.dim() != 1 or not len(labels) or labels.min() < 0 or labels.max() >= classes:
+            raise CompressKitError(f"labels must be a non-empty list of class ids in 0..{classes - 1}, got {labels.tolist()}")
+        settings = self.sample_settings(options)
+        diffusion = GaussianDiffusion.linear().respaced(settings["steps"])
+        with torch.no_grad():
+            x = diffusion.sample(
+                model, labels, shape, null_class=classes, cfg_scale=float(settings["cfg_scale"]), seed=seed,
+                variance=self.sampling_variance(model),
+            )  # [N, C, H, W]
+        return x.clamp(-1, 1)
+
+    def class_names(self, loaded: LoadedModel) -> tuple[str, ...]:
+        """Fashion-MNIST's names for a Fashion-MNIST-shaped model (1 x 32 x 32, 10 classes), else the class ids."""
+        shape, classes = self.input_shapes(self.denoiser(loaded, "sampling"))
+        if (shape, classes) == (fmnist.IMAGE_SHAPE, fmnist.NUM_CLASSES):
+            return fmnist.CLASS_NAMES
+        return tuple(str(i) for i in range(classes))

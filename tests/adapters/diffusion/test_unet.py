@@ -166,3 +166,19 @@ def test_a_text_conditioned_unet_loads_for_structure_and_runs_its_example(tmp_pa
         assert loaded.model(*args, **kwargs)[0].shape == (1, 4, 16, 16)
     with pytest.raises(CompressKitError, match="class-conditional"):
         ADAPTER.noise_batches(loaded, ADAPTER.calib_spec(n_samples=2))
+
+
+def test_samples_fashion_mnist_pictures_through_the_family(unet_dir, tmp_path):
+    """``compresskit sample`` on a U-Net directory: the family's sample() through the model(x, t, y) wrapper."""
+    from PIL import Image
+
+    from compresskit.adapters.diffusion.data import CLASS_NAMES
+    from compresskit.cli.main import main
+    from compresskit.grid import CAPTION_PX, PAD_PX
+
+    loaded = ADAPTER.load(str(unet_dir))
+    assert ADAPTER.supports("sample") and ADAPTER.class_names(loaded) == CLASS_NAMES
+    images = ADAPTER.sample(loaded, torch.tensor([0, 7]), seed=1, options={"steps": 2})
+    assert images.shape == (2, 1, 32, 32) and images.abs().max() <= 1
+    main(["sample", "--model", str(unet_dir), "--labels", "0,7", "--steps", "2", "--out", str(tmp_path / "u.png"), "--json"])
+    assert Image.open(tmp_path / "u.png").size == (2 * 64 + 3 * PAD_PX, 64 + CAPTION_PX + 2 * PAD_PX)  # 32 px upscaled x2
