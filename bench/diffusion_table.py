@@ -68,6 +68,13 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
         base = "pq" if method == "pq+em" else method
         report = compress(loaded, CompressConfig(method=base, bits=bits), adapter=adapter, calibration=calibration)
         d = report.to_dict()
+        if args.save_dir is not None:  # the compressed model, for `compresskit sample --compare` grids
+            from compresskit import io
+
+            out = args.save_dir / f"{Path(model).name.removesuffix('.safetensors')}-{method.replace('+', '')}{bits}"
+            io.save(loaded.model, report, out, source={"model": model, "adapter": adapter.name}, overwrite=True,
+                    save_architecture=lambda d: adapter.save_architecture(loaded, d))
+            row["saved"] = str(out)
         row.update(
             size_mb=d["compressed_bytes"] / 1e6, fp16_mb=d["original_fp16_bytes"] / 1e6, ratio=d["ratio"],
             bits_per_weight_all_in=d["bits_per_weight_all_in"], bits_per_weight_layers=d["bits_per_weight_compressed_layers"],
@@ -111,6 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--save-dir", type=Path, help="also save each compressed model under this directory (<model>-<method><bits>)")
     p.add_argument("--out", type=Path, help="append one JSON line per configuration here")
     p.add_argument("--table", nargs="+", help="print the markdown table of these JSON-lines files and exit")
     return p.parse_args(argv)

@@ -187,7 +187,7 @@ class Trainer:
         self.step = int(state["step"])
 
 
-def write_weights(trainer: Trainer, out: Path, final_loss: float) -> Path:
+def write_weights(trainer: Trainer, out: Path, final_loss: float | None) -> Path:
     """The EMA weights as float32 safetensors at ``out`` and their JSON config at ``out`` with ``.json``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     a = trainer.args
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     if args.resume and args.checkpoint.is_file():
         trainer.load_checkpoint(args.checkpoint)
         print(f"resumed from {args.checkpoint} at step {trainer.step}")
-    start, losses, loss = time.perf_counter(), [], float("nan")
+    start, losses, loss = time.perf_counter(), [], None  # None: resumed at --steps, no step run
     while trainer.step < args.steps:
         loss = trainer.train_step()
         losses.append(loss)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> Trainer:
             losses = []
         if args.checkpoint and (trainer.step % args.checkpoint_every == 0 or trainer.step == args.steps):
             trainer.save_checkpoint(args.checkpoint)
-    print(f"final loss {loss:.4f}")
+    print("final loss " + ("- (no step run)" if loss is None else f"{loss:.4f}"))
     if not args.no_save:
         print(f"wrote {write_weights(trainer, args.out, loss)} and its .json")
     if args.sample_grid:
