@@ -4,7 +4,8 @@
 ``adapter`` (:class:`DiTAdapter`, registered as ``"dit"``) and ``unet`` (:class:`UNetAdapter`,
 ``"unet"``): loading, structure, architecture-only models for size estimates, and for models of
 Fashion-MNIST's shape the DDPM calibration data and loss (``ddpm``, ``data``) and the Fréchet /
-IS-style evaluation (``metrics``). diffusers is imported only when a diffusers model is loaded, so
+IS-style evaluation (``metrics``); ``export`` writes a compressed model back as the plain checkpoint
+it came from (``--export dense``). diffusers is imported only when a diffusers model is loaded, so
 importing this package is cheap.
 """
 from compresskit.adapters.diffusion.adapter import DEFAULT_SPEC, DiTAdapter, tie_copied_embedders

@@ -37,6 +37,7 @@ from torch import nn
 from compresskit.adapters.base import LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion.dit import DiT, DiTConfig, config_from_shapes, looks_like_dit, shipped_configs
+from compresskit.adapters.diffusion.export import save_diffusers, save_original_dit
 from compresskit.adapters.diffusion.family import DiffusionAdapter
 from compresskit.adapters.diffusion.reference import is_reference, reference_files
 from compresskit.errors import CompressKitError
@@ -382,6 +383,21 @@ class DiTAdapter(DiffusionAdapter):
             extras = {"layout": "diffusers", "class": saved["class"], "weights": None, "shared": shared, "shared_how": "as saved" if shared else None}
             return LoadedModel(model.float().eval(), str(directory), str(path), extras=extras)
         raise CompressKitError(f"{path} is missing or holds no DiT architecture; the compressed model directory is incomplete")
+
+    def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
+        """The dequantized model as the checkpoint it came from, the compressed model untouched. diffusers'
+        DiT / PixArt: ``save_pretrained`` (``config.json``, ``diffusion_pytorch_model.safetensors``), every
+        block's embedder copy written out, so ``DiTTransformer2DModel.from_pretrained(directory)`` loads
+        it with no missing keys and ``DiTPipeline(transformer=...)`` samples with it. Our original layout:
+        ``dit.safetensors`` (the original key names, float32) and its ``dit.json`` sidecar
+        (``{"architecture": DiTConfig}``), so ``--model directory/dit.safetensors`` loads it again."""
+        model = loaded.model
+        if isinstance(model, DiT):
+            save_original_dit(model, directory)
+        elif type(model).__name__ in DIFFUSERS_CLASSES:
+            save_diffusers(model, directory)
+        else:
+            raise CompressKitError(f"the dit adapter cannot export a {type(model).__name__} dense; export the DiT or PixArt transformer it was loaded as")
 
 ARCHITECTURE_FILE = "dit.json"
 ORIGINAL_ONLY = (

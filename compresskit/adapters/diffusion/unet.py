@@ -33,6 +33,7 @@ from torch import nn
 from compresskit.adapters.base import LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion.adapter import _named, _read_json, cached_snapshot
+from compresskit.adapters.diffusion.export import save_diffusers
 from compresskit.adapters.diffusion.family import DiffusionAdapter
 from compresskit.adapters.diffusion.reference import is_reference, reference_files
 from compresskit.errors import CompressKitError
@@ -223,6 +224,16 @@ class UNetAdapter(DiffusionAdapter):
         unet = getattr(_diffusers(), saved["class"]).from_config(saved["config"])
         extras = {"layout": "diffusers", "class": saved["class"], "weights": None}
         return LoadedModel(_wrap(unet.float().eval()).eval(), str(directory), str(path), extras=extras)
+
+    def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
+        """``save_pretrained`` of the dequantized U-Net (``config.json``, ``diffusion_pytorch_model.safetensors``),
+        the compressed model untouched: ``UNet2DModel`` / ``UNet2DConditionModel.from_pretrained(directory)``
+        loads it, and it drops into the pipeline it came from. A :class:`ClassConditionalUNet` is written as
+        the ``UNet2DModel`` inside it (the wrapper is compresskit's calling convention, not a checkpoint)."""
+        unet = _unet(loaded.model)
+        if type(unet).__name__ not in UNET_CLASSES:
+            raise CompressKitError(f"the unet adapter cannot export a {type(unet).__name__} dense; export the diffusers U-Net it was loaded as")
+        save_diffusers(unet, directory)
 
 
 def _conditional(loaded: LoadedModel, what: str) -> ClassConditionalUNet:
