@@ -84,7 +84,8 @@ def estimate_model(model: nn.Module | LoadedModel, config: CompressConfig | None
             continue
         size = type(adapted).estimate(target.weight_shape, **adapted.get_params())
         compressed_keys.add(_key(getattr(module.get_submodule(target.owner), target.attr)))
-        params = {k: v for k, v in adapted.get_params().items() if not (isinstance(v, float) and math.isnan(v))}
+        planned = adapted.planned_params(tuple(target.weight_shape))  # automatic choices (PQ's share) resolved
+        params = {k: v for k, v in planned.items() if not (isinstance(v, float) and math.isnan(v))}
         layers.append({
             "name": name, "shape": list(target.weight_shape), "method": adapted.name, "params": params,
             **({"shared_with": list(target.tied_to)} if target.tied_to else {}),

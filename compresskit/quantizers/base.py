@@ -166,6 +166,11 @@ class Quantizer:
         self._check_fitted()
         return SizeReport(math.prod(self.shape_), self._fitted_size())
 
+    def planned_params(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """The parameters a fit on a weight of ``shape`` would use, automatic choices resolved (what a
+        size estimate reports per layer); by default those given, :meth:`get_params`."""
+        return self.get_params()
+
     @classmethod
     def estimate(cls, shape: tuple[int, ...], **params: Any) -> SizeReport:
         """All-in size for a weight of ``shape`` without any weights (parameters as for __init__)."""

@@ -178,6 +178,11 @@ class PQ(CodebookQuantizer):
         reasons.append(f"only {per_book} subvectors per codebook")
         return self._adapted(adaptation_note(shape, changes, reasons), **{p: new for p, (_, new) in changes.items()})
 
+    def planned_params(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """:meth:`get_params` with the automatic ``d`` (by bits) and ``share`` resolved to what a fit on ``shape`` uses."""
+        self._validate_params()
+        return {**self.get_params(), "d": self.d_, "share": self._layout(shape[0], math.prod(shape[1:]))[0]}
+
     # ---- size accounting --------------------------------------------------------------------
     def _size(self, shape: tuple[int, int]) -> dict[str, int]:
         rows, cols = shape

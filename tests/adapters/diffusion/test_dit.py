@@ -20,6 +20,7 @@ from compresskit.adapters.diffusion.dit import sincos_2d
 from compresskit.cli.main import main
 from compresskit.errors import CompressKitError
 from compresskit.estimate import estimate_model, estimate_spec
+from compresskit.nn.quantized import quantized_tensors
 
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 ADAPTER = DiTAdapter()
@@ -170,6 +171,9 @@ def test_estimate_equals_compress_and_the_file(saved, tmp_path, config):
     assert estimate["totals"]["original_fp16_bytes"] == totals["original_fp16_bytes"]
     assert estimate["kept_dense"] == report.kept_dense and estimate["notes"] == report.notes
     assert {l["name"]: l["parts_bits"] for l in estimate["layers"]} == {l.name: l.size.parts_bits for l in report.layers}
+    fitted = {name: qt.quantizer for name, (_, _, qt) in quantized_tensors(loaded.model).items()}
+    for layer in estimate["layers"]:  # automatic choices are reported resolved, as the fit made them
+        assert (layer["params"]["d"], layer["params"]["share"]) == (fitted[layer["name"]].d_, fitted[layer["name"]].share_)
     out = compresskit.save(loaded.model, report, tmp_path / "out", source={"model": "tiny"})
     raw = (out / "model.safetensors").read_bytes()
     data_bytes = len(raw) - 8 - int.from_bytes(raw[:8], "little")  # safetensors: 8-byte header length, header, data
