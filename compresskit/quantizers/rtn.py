@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from compresskit.errors import CompressKitError
 from compresskit.quantizers.base import Quantizer, check_int
 from compresskit.registry import register_quantizer
 
