@@ -210,17 +210,11 @@ class DiTAdapter(DiffusionAdapter):
         return snapshot is not None and diffusers_dir(snapshot) is not None
 
     # ---- loading ----------------------------------------------------------------------------------
-    def load(self, spec: str | None) -> LoadedModel:
-        """The model, float32 and in eval mode; for diffusers' DiT, equal embedder copies tied (``extras["shared"]``)."""
-        return self._build(DEFAULT_SPEC if spec is None else str(spec), meta=False)
-
-    def meta_model(self, spec: str | None) -> LoadedModel:
-        """The architecture of ``spec`` on the meta device: shapes, dtypes and tied tensors, no weights
-        (for :func:`compresskit.estimate.estimate_spec`). diffusers' embedder copies cannot be compared
-        without weights; they are tied as declared (converted DiT checkpoints hold equal copies)."""
-        return self._build(DEFAULT_SPEC if spec is None else str(spec), meta=True)
-
-    def _build(self, spec: str, meta: bool) -> LoadedModel:
+    def _build(self, spec: str | None, meta: bool) -> LoadedModel:
+        """The model (default ``dit-xl-2-256``); for diffusers' DiT, equal embedder copies tied
+        (``extras["shared"]``). On the meta device the copies cannot be compared; they are tied as
+        declared (converted DiT checkpoints hold equal copies)."""
+        spec = DEFAULT_SPEC if spec is None else str(spec)
         if is_reference(spec, "dit"):
             weights, _ = reference_files(spec)
             return self._file(spec, weights, meta)

@@ -39,6 +39,19 @@ class DiffusionAdapter(Adapter):
     sample_options = {"steps": eval_options["steps"], "cfg_scale": eval_options["cfg_scale"]}  # pictures are drawn as evaluation draws them
     loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model
 
+    # ---- loading: one builder, with and without weights -----------------------------------------
+    def load(self, spec: str | None) -> LoadedModel:
+        """The model of ``spec``, float32 and in eval mode (:meth:`_build` with weights)."""
+        return self._build(spec, meta=False)
+
+    def meta_model(self, spec: str | None) -> LoadedModel:
+        """The architecture of ``spec`` on the meta device, no weights read (for ``compresskit estimate``)."""
+        return self._build(spec, meta=True)
+
+    @abstractmethod
+    def _build(self, spec: str | None, meta: bool) -> LoadedModel:
+        """The model of ``spec``: with its weights, or (``meta``) its architecture on the meta device."""
+
     # ---- what a family says about its model -----------------------------------------------------
     @abstractmethod
     def denoiser(self, loaded: LoadedModel, what: str) -> nn.Module:

@@ -81,14 +81,6 @@ class LDMUNetAdapter(DiffusionAdapter):
             return False
 
     # ---- loading ----------------------------------------------------------------------------------
-    def load(self, spec: str | None) -> LoadedModel:
-        """The model, float32 and in eval mode, from a checkpoint file (an alias has no weights)."""
-        return self._build(spec, meta=False)
-
-    def meta_model(self, spec: str | None) -> LoadedModel:
-        """The architecture of ``spec`` on the meta device, no weights read (for ``compresskit estimate``)."""
-        return self._build(spec, meta=True)
-
     def _build(self, spec: str | None, meta: bool) -> LoadedModel:
         if spec is None:
             raise CompressKitError(f"the ldm-unet adapter has no default model; pass a checkpoint file or an alias ({', '.join(shipped_configs())})")

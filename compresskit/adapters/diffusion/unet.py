@@ -108,14 +108,6 @@ class UNetAdapter(DiffusionAdapter):
         return snapshot is not None and unet_dir(snapshot) is not None
 
     # ---- loading ----------------------------------------------------------------------------------
-    def load(self, spec: str | None) -> LoadedModel:
-        """The U-Net, float32 and in eval mode (class-conditional ``UNet2DModel``: wrapped, see the module docstring)."""
-        return self._build(spec, meta=False)
-
-    def meta_model(self, spec: str | None) -> LoadedModel:
-        """The architecture of ``spec`` on the meta device, no weights read (for ``compresskit estimate``)."""
-        return self._build(spec, meta=True)
-
     def _build(self, spec: str | None, meta: bool) -> LoadedModel:
         if spec is None:
             raise CompressKitError("the unet adapter has no default model; pass fmnist-unet, a diffusers U-Net directory or a cached hub id")
