@@ -43,7 +43,10 @@ state (timesteps, noise, label drop) and torch's global RNG state are written ev
 ``--checkpoint-every`` steps and at the end (``torch.save`` to ``PATH.tmp`` then ``os.replace``, so a kill never leaves half a file; read back
 with ``torch.load(weights_only=True)``); ``--resume`` continues from it, bit-identically on the same
 device and thread count. The data order is a per-epoch permutation seeded by ``(seed, epoch)``, so
-it needs no state. ``--device cuda`` trains on a GPU when one is there (the noise is still drawn
+it needs no state. ``--init-from WEIGHTS`` starts a second stage from weights this script wrote (its
+EMA becomes both the model and the EMA, AdamW starts afresh, the step count goes on from the file's,
+the loss generator is seeded by ``(seed, step)``), for when a first stage's checkpoint is gone; the
+JSON keeps the earlier stage's ``training`` record under ``training.previous``. ``--device cuda`` trains on a GPU when one is there (the noise is still drawn
 on the CPU generator, so the run is the same random process).
 """
 from __future__ import annotations
@@ -139,6 +142,24 @@ class Trainer:
         n = args.train_limit or labels.numel()
         self.images, self.labels = images[:n], labels[:n]
         self._perm_epoch, self._perm = -1, None
+        self.previous = None  # the earlier stage's training record, with --init-from
+
+    def init_from(self, path: Path) -> None:
+        """Start a second stage from weights :func:`write_weights` wrote: they become the model and the
+        EMA, AdamW stays fresh, the step count goes on from theirs and the loss generator is reseeded
+        by ``(seed, step)`` so the stage does not replay the first stage's noise."""
+        from safetensors.torch import load_file
+
+        config = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        if config.get("architecture") != self.description["architecture"]:
+            raise CompressKitError(f"--init-from {path} holds a {config.get('architecture')} model, not --model {self.args.model}'s")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        target = self.model.unet if isinstance(self.model, UNetEps) else self.model
+        target.load_state_dict(state)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.step = int(config["training"]["steps"])
+        self.loss_gen.manual_seed((self.args.seed + 1) * 1_000_003 + self.step)
+        self.previous = config["training"]
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Step ``step``'s images: a slice of the permutation of its epoch, seeded by ``(seed, epoch)``."""
@@ -169,6 +190,7 @@ class Trainer:
             "format_version": FORMAT_VERSION, "model_kind": self.args.model, "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
             "loss_gen": self.loss_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "previous": json.dumps(self.previous),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -185,6 +207,7 @@ class Trainer:
         self.loss_gen.set_state(state["loss_gen"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         self.step = int(state["step"])
+        self.previous = json.loads(state.get("previous", "null"))
 
 
 def write_weights(trainer: Trainer, out: Path, final_loss: float | None) -> Path:
@@ -201,6 +224,8 @@ def write_weights(trainer: Trainer, out: Path, final_loss: float | None) -> Path
         "training": {"steps": trainer.step, "batch": a.batch, "lr": a.lr, "ema_decay": a.ema_decay, "seed": a.seed,
                      "class_dropout": CLASS_DROPOUT, "final_loss": final_loss, "train_images": trainer.labels.numel()},
     }
+    if trainer.previous is not None:
+        config["training"]["previous"] = trainer.previous
     out.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -236,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, help="write the training state here every --checkpoint-every steps and at the end")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--init-from", type=Path, help="start from weights this script wrote (a second stage: fresh AdamW, the step count goes on)")
     p.add_argument("--out", type=Path, help="EMA weights (default: weights/fmnist_<model>.safetensors); the config goes next to it as .json")
     p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32", help="dtype of the saved EMA weights")
     p.add_argument("--no-save", action="store_true", help="do not write the weights (timing runs)")
@@ -251,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.resume and args.checkpoint is None:
         p.error("--resume needs --checkpoint PATH")
+    if args.init_from is not None and not args.init_from.with_suffix(".json").is_file():
+        p.error(f"--init-from {args.init_from}: no weights with a .json config there")
     if args.out is None:
         args.out = WEIGHTS_DIR / f"fmnist_{args.model}.safetensors"
     return args
@@ -276,6 +304,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     if args.resume and args.checkpoint.is_file():
         trainer.load_checkpoint(args.checkpoint)
         print(f"resumed from {args.checkpoint} at step {trainer.step}")
+    elif args.init_from is not None:
+        trainer.init_from(args.init_from)
+        print(f"second stage from {args.init_from} at step {trainer.step}")
     start, losses, loss = time.perf_counter(), [], None  # None: resumed at --steps, no step run
     while trainer.step < args.steps:
         loss = trainer.train_step()

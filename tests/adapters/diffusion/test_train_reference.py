@@ -105,3 +105,30 @@ def test_sample_grid_is_a_png_of_ten_rows(script, fmnist_dir, tmp_path):
     expected = image_grid(torch.zeros(20, 1, 32, 32), ["x"] * 20, columns=2).size  # 10 rows of 2
     with Image.open(png) as image:
         assert image.size == expected and expected[1] > 10 * 64
+
+
+@pytest.mark.parametrize("model", ["dit", "unet"])
+def test_a_second_stage_starts_from_saved_weights_and_keeps_the_first_stages_record(script, fmnist_dir, model, tmp_path):
+    first = run(script, model, 2, tmp_path / "a")
+    weights = tmp_path / "a" / f"fmnist_{model}.safetensors"
+    out = tmp_path / "b" / weights.name
+    argv = ["--init-from", str(weights), "--out", str(out)]
+    second = script.main(["--model", model, "--steps", "2", *TINY[model], *COMMON, *argv])  # at --steps: no step run
+    assert second.step == 2
+    for a, b in zip(first.ema.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    # a stage with steps, resumed from its own checkpoint, is bit-identical to one run straight through
+    ckpt = tmp_path / "c" / "state.ckpt"
+    straight = script.main(["--model", model, "--steps", "4", *TINY[model], *COMMON, *argv])
+    script.main(["--model", model, "--steps", "3", *TINY[model], *COMMON, *argv, "--checkpoint", str(ckpt), "--resume"])
+    resumed = script.main(["--model", model, "--steps", "4", *TINY[model], *COMMON, *argv, "--checkpoint", str(ckpt), "--resume"])
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(a, b)
+    record = json.loads(out.with_suffix(".json").read_text())["training"]
+    assert record["steps"] == 4 and record["previous"]["steps"] == 2
+
+
+def test_a_second_stage_refuses_another_models_weights(script, fmnist_dir, tmp_path):
+    run(script, "dit", 1, tmp_path)
+    with pytest.raises(CompressKitError, match="not --model unet"):
+        script.main(["--model", "unet", "--steps", "2", *TINY["unet"], *COMMON, "--init-from", str(tmp_path / "fmnist_dit.safetensors"), "--out", str(tmp_path / "u.safetensors")])
