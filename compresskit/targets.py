@@ -31,7 +31,8 @@ class Layout:
 
     ``out_axis``: the axis of the stored tensor that holds output rows (0 for ``nn.Linear``'s
     ``[out, in]``, 1 for a weight stored ``[in, out]``); the quantizer fits the tensor with that axis
-    moved first. ``inputs``: how the owner's inputs become rows of ``X`` so that the output is
+    moved first. A 1-D tensor ``[n]`` with ``out_axis=1`` is one row ``[1, n]`` (a column of
+    per-item scalars, such as a 3DGS scene's opacities, quantized with one scale, not one per value). ``inputs``: how the owner's inputs become rows of ``X`` so that the output is
     ``X @ W2d.T`` — ``linear`` (the last dimension), ``conv1d`` / ``conv2d`` (unfolded kernel
     patches), or ``none`` (no activations reach it: an embedding table, a bare tensor).
     """
@@ -47,11 +48,22 @@ class Layout:
 
     def to_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The stored tensor as the quantizer sees it: output axis first (a view when possible)."""
-        return tensor if self.out_axis == 0 else tensor.transpose(0, 1)
+        if self.out_axis == 0:
+            return tensor
+        return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor.transpose(0, 1)
 
-    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_rows`: the quantizer's ``[out, ...]`` tensor in the stored layout."""
-        return rows if self.out_axis == 0 else rows.transpose(0, 1)
+    def from_rows(self, rows: torch.Tensor, stored_dim: int = 2) -> torch.Tensor:
+        """Inverse of :meth:`to_rows`: the quantizer's ``[out, ...]`` tensor in the stored layout
+        (``stored_dim``: the stored tensor's number of dimensions; 1 undoes the one-row view)."""
+        if self.out_axis == 0:
+            return rows
+        return rows.reshape(-1) if stored_dim == 1 else rows.transpose(0, 1)
+
+    def rows_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape :meth:`to_rows` gives a stored tensor of ``shape``."""
+        if self.out_axis == 0:
+            return tuple(shape)
+        return (1, shape[0]) if len(shape) == 1 else (shape[1], shape[0], *shape[2:])
 
     def to_json(self) -> dict:
         return {"out_axis": self.out_axis, "inputs": self.inputs}
@@ -85,9 +97,7 @@ class Target:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """The shape the quantizer sees: ``[out, ...]`` (the output axis moved first)."""
-        if self.layout.out_axis == 0:
-            return self.shape
-        return (self.shape[1], self.shape[0], *self.shape[2:])
+        return self.layout.rows_shape(self.shape)
 
 
 # ---- layouts of module types ---------------------------------------------------------------------

@@ -228,3 +228,44 @@ def test_one_odd_layer_never_fails_the_model(method, bits):
     assert is_quantized(model.conv_in, "weight") and is_quantized(model.conv_out, "weight")
     out = model(torch.randn(2, 3, 8, 8), torch.randn(2, 1))
     assert torch.isfinite(out).all()
+
+
+class ColumnScene(nn.Module):
+    """Per-item scalars ``[n]`` (a 3DGS scene's opacities) beside a table."""
+
+    def __init__(self, n: int = 300):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.alpha = nn.Parameter(torch.randn(n, generator=g))
+
+    def forward(self, idx):
+        return self.alpha[idx]
+
+
+class ColumnAdapter(SceneAdapter):
+    name = "column-test"
+
+    def load(self, spec):
+        return compresskit.adapters.LoadedModel(ColumnScene().eval(), "column", "column")
+
+    def extra_targets(self, model):
+        from compresskit.targets import Layout
+
+        return {"alpha": Layout(out_axis=1, inputs="none")}
+
+
+def test_a_1d_tensor_with_out_axis_1_is_one_row_with_one_scale(tmp_path):
+    adapter = ColumnAdapter()
+    loaded = adapter.load(None)
+    original = loaded.model.alpha.detach().clone()
+    report = compresskit.compress(loaded, CompressConfig(method="rtn", bits=4), adapter=adapter)
+    (layer,) = report.layers
+    assert layer.shape == (1, 300)
+    # one row: 4 bits per value plus one scale and zero for the whole column, not one pair per value
+    assert layer.size.bits_per_weight < 4.2
+    assert loaded.model.alpha.shape == (300,)
+    step = (original.max() - original.min()) / 15
+    assert (loaded.model.alpha - original).abs().max() <= step / 2 + 1e-3
+    compresskit.save(loaded.model, report, tmp_path / "c", source={"model": "column"})
+    restored = compresskit.load(tmp_path / "c", model=ColumnScene())
+    torch.testing.assert_close(restored.alpha, loaded.model.alpha, rtol=0, atol=0)

@@ -39,10 +39,11 @@ class QuantizedTensor(nn.Module):
     tensor), the rebuilt tensor is its result instead — how soft assignments are trained.
     """
 
-    def __init__(self, quantizer: Quantizer, layout: Layout = Layout(), cache: bool = True):
+    def __init__(self, quantizer: Quantizer, layout: Layout = Layout(), cache: bool = True, stored_dim: int = 2):
         super().__init__()
         self.quantizer = quantizer
         self.layout = layout
+        self.stored_dim = stored_dim  # dimensions of the stored tensor (1: a column kept as one row)
         self.cache = cache
         self.override: Callable[[], torch.Tensor] | None = None
         self.register_buffer("codes", quantizer.codes_)
@@ -77,13 +78,13 @@ class QuantizedTensor(nn.Module):
     def rebuild(self, dtype: torch.dtype) -> torch.Tensor:
         """The tensor in its stored layout and ``dtype`` (cached when nothing can train)."""
         if self.override is not None:
-            return self.layout.from_rows(self.override()).to(dtype)
+            return self.layout.from_rows(self.override(), self.stored_dim).to(dtype)
         trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if not self.cache or trainable or torch.compiler.is_compiling():
-            return self.layout.from_rows(self.dequantize()).to(dtype)
+            return self.layout.from_rows(self.dequantize(), self.stored_dim).to(dtype)
         key = self._cache_key(dtype)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.layout.from_rows(self.dequantize()).to(dtype).contiguous())
+            self._cache = (key, self.layout.from_rows(self.dequantize(), self.stored_dim).to(dtype).contiguous())
         return self._cache[1]
 
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ def quantize_tensor(owner: nn.Module, attr: str, quantizer: Quantizer, layout: L
     expected = tuple(layout.to_rows(current).shape)
     if tuple(quantizer.shape_) != expected:
         raise CompressKitError(f"the quantizer was fitted on shape {tuple(quantizer.shape_)}, but {attr} is {expected} in this layout")
-    qt = QuantizedTensor(quantizer, layout, cache=cache).to(current.device)
+    qt = QuantizedTensor(quantizer, layout, cache=cache, stored_dim=current.dim()).to(current.device)
     _register(owner, attr, qt, current)
     return qt
 
