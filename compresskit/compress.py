@@ -124,9 +124,10 @@ def choose_targets(module: nn.Module, config: CompressConfig, adapter: Adapter |
         module, args, kwargs or {}, include_embeddings=config.include_embeddings, use_graph=bool(args or kwargs),
         layouts=adapter.layouts() if adapter else None, tensors=adapter.extra_targets(module) if adapter else None,
     )
+    family = tuple((pattern, spec) for pattern, spec, _ in adapter.target_methods) if adapter else ()
     selection = select_targets(
         graph.targets, include=config.include or ("*",), exclude=config.exclude,
-        keep_dense=_kept_dense(module, config, adapter), overrides=config.overrides,
+        keep_dense=_kept_dense(module, config, adapter), overrides=family + config.overrides,  # the user's win: the last match counts
     )
     if not selection.compress:
         raise CompressKitError("no layer was selected for compression; check the include/exclude patterns")

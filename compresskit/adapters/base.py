@@ -83,7 +83,9 @@ class Adapter(ABC):
     """What compresskit needs to know about one model family.
 
     Data: ``keep_dense`` ``(fnmatch pattern, reason)`` pairs over module / target names, never
-    compressed; ``method_defaults`` ``{method: ({param: value}, why)}`` quantizer parameters the family
+    compressed; ``target_methods`` ``(fnmatch pattern, {"method": ..., "bits": ..., **params}, reason)``
+    for targets the family compresses with their own method whatever the user's (a 3DGS scene's
+    opacities: scalar), applied before the user's overrides, which win; ``method_defaults`` ``{method: ({param: value}, why)}`` quantizer parameters the family
     uses unless the user sets them; ``primary_metric`` the key of :meth:`evaluate`'s result that ranks
     models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options.
 
@@ -94,6 +96,7 @@ class Adapter(ABC):
 
     name: ClassVar[str] = ""
     keep_dense: ClassVar[tuple[tuple[str, str], ...]] = ()
+    target_methods: ClassVar[tuple[tuple[str, dict[str, Any], str], ...]] = ()
     method_defaults: ClassVar[dict[str, tuple[dict[str, Any], str]]] = {}
     primary_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = False

@@ -1,0 +1,267 @@
+"""The ``gaussians`` adapter: 3DGS scenes through the same front door as every other family.
+
+What is compressed are the scene's attribute tensors, as bare-tensor targets (no fake layers), one
+row per Gaussian: ``gaussians.f_rest`` (``[N, 45]`` at SH degree 3, coefficient-major, so a PQ
+subvector of d = 3 is one coefficient's RGB), ``gaussians.f_dc``, ``gaussians.scales`` and
+``gaussians.quats`` with the method asked for; ``gaussians.opacities`` always with a scalar
+quantizer (one row of N logits, one scale); ``gaussians.means`` with a 16-bit scalar quantizer per
+coordinate (finer than float16 inside a bounded scene), or kept float16 with ``--exclude
+gaussians.means``. The user's ``--override`` wins over both.
+
+Calibration renders: a batch is one calibration camera and the uncompressed scene's picture from
+it; the task loss is 3DGS's training loss, ``0.8 L1 + 0.2 D-SSIM`` of the render against that
+picture, so the EM M-step trains the codebooks through the differentiable CPU renderer.
+Evaluation renders the held-out cameras (``views.py``) and compares with the uncompressed scene's
+renders (``psnr``, ``ssim``), with the ground truth where there is one (the reference scene:
+``psnr_gt``, ``psnr_drop_db``), and reports the compression ratios.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresskit.adapters.base import Adapter, DataSpec, EvalSpec, LoadedModel, Option, register_adapter
+from compresskit.adapters.gaussians.camera import Camera
+from compresskit.adapters.gaussians.image_metrics import psnr, render_loss, ssim
+from compresskit.adapters.gaussians.ply import ATTRIBUTES, write_ply
+from compresskit.adapters.gaussians.render import render
+from compresskit.adapters.gaussians.scene import GaussianScene
+from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
+from compresskit.errors import CompressKitError
+from compresskit.targets import Layout
+
+DATA_DIR = Path(__file__).parent / "data"
+REFERENCE = "ref-scene"
+REFERENCE_PLY = DATA_DIR / "ref_scene.ply"
+ARCH_FILE = "scene.json"
+PSNR_CAP_DB = 100.0  # what identical renders report (their PSNR is infinite)
+FLOAT32_BYTES = 4
+
+
+class SplatModel(nn.Module):
+    """A scene and the cameras it is seen from: ``model(camera_index [B] long) -> images [B, 3, H, W]``
+    (all cameras one size), differentiable with respect to every attribute."""
+
+    def __init__(self, gaussians: GaussianScene, cameras: tuple[Camera, ...]):
+        super().__init__()
+        self.gaussians = gaussians
+        self.cameras = cameras
+
+    def forward(self, camera_index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([render(self.gaussians, self.cameras[i]).image for i in camera_index.tolist()])
+
+
+@register_adapter
+class GaussianSplatAdapter(Adapter):
+    name = "gaussians"
+    primary_metric = "psnr"
+    higher_is_better = True
+    target_methods = (
+        ("gaussians.opacities", {"method": "rtn", "bits": 8}, "opacity is one scalar per Gaussian: scalar quantization, 8 bits"),
+        ("gaussians.means", {"method": "rtn", "bits": 16}, "positions: 16-bit uniform per coordinate (finer than float16 in a bounded scene)"),
+    )
+    calib_options = {"size": Option(64, "longest image side in pixels of the calibration renders")}
+    eval_options = {"size": Option(96, "longest image side in pixels of the evaluation renders")}
+    loss_keys = ("target",)
+
+    @classmethod
+    def recognises(cls, spec: str | None) -> bool:
+        if spec is None:
+            return False
+        if spec.lower() == REFERENCE:
+            return True
+        path = Path(spec).expanduser()
+        return path.suffix.lower() == ".ply" and path.is_file()
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def load(self, spec: str | None) -> LoadedModel:
+        ply = self._resolve(spec)
+        scene = GaussianScene.load(ply).eval()
+        views = scene_views(ply, scene.means.detach())
+        return self._loaded(scene, views, str(spec if spec is not None else REFERENCE), ply, _original_record(ply, scene))
+
+    def _resolve(self, spec: str | None) -> Path:
+        if spec is None or spec.lower() == REFERENCE:
+            if not REFERENCE_PLY.is_file():
+                raise CompressKitError(f"the reference scene is not in this installation ({REFERENCE_PLY}); make it with `PYTHONPATH=. python bench/make_ref_scene.py`")
+            return REFERENCE_PLY
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CompressKitError(f"{spec}: no such .ply file")
+        return path
+
+    def _loaded(self, scene: GaussianScene, views: Views, source: str, resolved: Path, original: dict) -> LoadedModel:
+        model = SplatModel(scene, views.calibration + views.evaluation).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return LoadedModel(model, source, str(resolved), extras={"views": views, "original": original})
+
+    # ---- targets -----------------------------------------------------------------------------
+    def extra_targets(self, model: nn.Module) -> dict[str, Layout]:
+        rows = Layout(inputs="none")  # one row per Gaussian
+        return {
+            "gaussians.f_rest": rows, "gaussians.f_dc": rows, "gaussians.scales": rows, "gaussians.quats": rows,
+            "gaussians.opacities": Layout(out_axis=1, inputs="none"),  # [N] -> one row of N
+            "gaussians.means": Layout(out_axis=1, inputs="none"),  # [N, 3] -> a row per coordinate
+        }
+
+    # ---- calibration ---------------------------------------------------------------------------
+    def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[dict[str, Any]]:
+        views: Views = loaded.extras["views"]
+        n_cal = len(views.calibration)
+        if data.n_samples > n_cal:
+            raise CompressKitError(f"asked for {data.n_samples} calibration views, but the scene has {n_cal} calibration cameras; pass --calib-samples {n_cal} or fewer")
+        order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(data.seed))[: data.n_samples]
+        size = self.option(data, "size")
+        model: SplatModel = loaded.model
+        batches = []
+        with torch.no_grad():
+            for i in order.tolist():
+                cam = fit_camera(views.calibration[i], size)
+                batches.append({"camera_index": torch.tensor([_index_of(model, cam)]), "target": render(model.gaussians, cam).image[None]})
+        return batches
+
+    def task_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return render_loss(model(camera_index=batch["camera_index"]), batch["target"])
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
+        """PSNR / SSIM of the held-out renders against the uncompressed scene's, the PSNR drop
+        against ground truth where there is one, and the compression ratios."""
+        size = self.option(spec, "size")
+        views: Views = loaded.extras["views"]
+        cams = [fit_camera(c, size) for c in views.evaluation]
+        original = loaded.extras["original"]
+        reference = _reference_scene(original)
+        with torch.no_grad():
+            mine = torch.stack([render(loaded.model.gaussians, c).image.clamp(0, 1) for c in cams])
+            theirs = torch.stack([render(reference, c).image.clamp(0, 1) for c in cams])
+        out: dict[str, float | str] = {
+            "psnr": float(psnr(mine, theirs).clamp(max=PSNR_CAP_DB).mean()),
+            "ssim": float(ssim(mine, theirs).mean()),
+            "views": float(len(cams)),
+        }
+        if original.get("ground_truth"):
+            from compresskit.adapters.gaussians.procedural import render_ground_truth
+
+            truth = torch.stack([render_ground_truth(c) for c in cams])
+            out["psnr_gt"] = float(psnr(mine, truth).mean())
+            out["psnr_gt_original"] = float(psnr(theirs, truth).mean())
+            out["psnr_drop_db"] = out["psnr_gt_original"] - out["psnr_gt"]
+        else:
+            out["psnr_drop_db_skipped"] = "no ground-truth images for this scene: psnr compares with the uncompressed scene's renders"
+        out.update(_ratios(loaded, original))
+        return out
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        model: SplatModel = loaded.model
+        views: Views = loaded.extras["views"]
+        record = {
+            "format_version": 1, "num_gaussians": model.gaussians.num_gaussians, "sh_degree": model.gaussians.sh_degree,
+            "cameras": {"calibration": [_camera_json(c) for c in views.calibration], "evaluation": [_camera_json(c) for c in views.evaluation], "source": views.source},
+            "original": loaded.extras["original"],
+        }
+        (directory / ARCH_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+    def load_architecture(self, directory: Path) -> LoadedModel:
+        path = directory / ARCH_FILE
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            n, degree = int(record["num_gaussians"]), int(record["sh_degree"])
+            views = Views(tuple(_camera_from_json(c) for c in record["cameras"]["calibration"]),
+                          tuple(_camera_from_json(c) for c in record["cameras"]["evaluation"]), record["cameras"]["source"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CompressKitError(f"{path}: not a compressed 3DGS scene's architecture record ({' '.join(str(err).split())})") from None
+        k = (degree + 1) ** 2
+        z = torch.zeros
+        scene = GaussianScene(z(n, 3), z(n, 3), z(n, k - 1, 3), z(n), z(n, 3), z(n, 4))
+        return self._loaded(scene, views, str(directory.parent), directory.parent, record["original"])
+
+    def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_ply(directory / "point_cloud.ply", _decoded(loaded.model.gaussians).to_ply())
+
+    def decompress(self, loaded: LoadedModel, out: Path, overwrite: bool = False) -> Path:
+        """Write the (decoded) scene as a standard 3DGS ``.ply`` at ``out``."""
+        if out.suffix.lower() != ".ply":
+            raise CompressKitError(f"--out {out}: a 3DGS scene is written as a .ply file")
+        return write_ply(out, _decoded(loaded.model.gaussians).to_ply(), overwrite=overwrite)
+
+    def render_pair(self, loaded: LoadedModel, n_views: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uncompressed, this model)`` renders of the first ``n_views`` held-out cameras, ``[V, 3, H, W]`` in [0, 1]."""
+        cams = [fit_camera(c, size) for c in loaded.extras["views"].evaluation[:n_views]]
+        reference = _reference_scene(loaded.extras["original"])
+        with torch.no_grad():
+            return (torch.stack([render(reference, c).image.clamp(0, 1) for c in cams]),
+                    torch.stack([render(loaded.model.gaussians, c).image.clamp(0, 1) for c in cams]))
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _original_record(ply: Path, scene: GaussianScene) -> dict:
+    """What evaluation needs to know of the uncompressed scene, kept in a compressed directory too."""
+    return {"ply": str(ply.resolve()), "ply_bytes": ply.stat().st_size, "num_gaussians": scene.num_gaussians,
+            "sh_degree": scene.sh_degree, "ground_truth": ply.resolve() == REFERENCE_PLY.resolve()}
+
+
+def _reference_scene(original: dict) -> GaussianScene:
+    path = Path(original["ply"])
+    if not path.is_file():
+        raise CompressKitError(f"the uncompressed scene {path} is not there to compare with; evaluate where it is")
+    return GaussianScene.load(path)
+
+
+def _decoded(scene: GaussianScene) -> GaussianScene:
+    """A plain scene of the decoded attribute values (parametrizations evaluated)."""
+    with torch.no_grad():
+        return GaussianScene(*(getattr(scene, a).detach().clone() for a in ATTRIBUTES))
+
+
+def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
+    """``compression_ratio``: the ``.ply`` file's bytes over the compressed directory's (all files)
+    when ``loaded`` was read from one, else over the attribute bytes; ``attribute_ratio``: float32
+    attribute bytes over their compressed bytes (codes packed, codebooks and scales at their dtype)."""
+    from compresskit.nn import quantized_tensors
+
+    scene = loaded.model.gaussians
+    quantized = {name.removeprefix("gaussians."): qt for name, qt in quantized_tensors(loaded.model).items()}
+    dense_bits = 16 if quantized else 32  # a compressed scene keeps the rest at the default dense dtype, float16
+    stored_bits = 0.0
+    for attr in ATTRIBUTES:
+        if attr in quantized:
+            stored_bits += quantized[attr].quantizer.size_report().total_bits
+        else:
+            stored_bits += getattr(scene, attr).numel() * dense_bits
+    n_values = sum(getattr(scene, a).numel() for a in ATTRIBUTES)
+    out = {"attribute_ratio": n_values * FLOAT32_BYTES * 8 / stored_bits, "bits_per_gaussian": stored_bits / scene.num_gaussians}
+    directory = Path(loaded.resolved)
+    if directory.is_dir():
+        files = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        out["compression_ratio"] = original["ply_bytes"] / files
+        out["compressed_bytes"] = float(files)
+    else:
+        out["compression_ratio"] = original["ply_bytes"] * 8 / stored_bits
+    return out
+
+
+def _index_of(model: SplatModel, camera: Camera) -> int:
+    """Where ``camera`` sits in the model's camera list (added when it is a resized copy)."""
+    for i, c in enumerate(model.cameras):
+        if c is camera:
+            return i
+    model.cameras = model.cameras + (camera,)
+    return len(model.cameras) - 1
+
+
+def _camera_json(c: Camera) -> dict:
+    return {"world_to_camera": c.world_to_camera.tolist(), **{f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "world_to_camera"}}
+
+
+def _camera_from_json(d: dict) -> Camera:
+    return Camera(torch.tensor(d["world_to_camera"], dtype=torch.float32), float(d["fx"]), float(d["fy"]), float(d["cx"]), float(d["cy"]), int(d["width"]), int(d["height"]))
