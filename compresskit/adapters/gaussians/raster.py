@@ -1,0 +1,181 @@
+"""A differentiable tiled rasterizer for projected splats, in pure torch (the CPU path of ``render``).
+
+3DGS's algorithm, vectorised: the image is cut into 16x16 tiles; each splat is listed in every tile its
+alpha >= 1/255 box touches; each tile's list is sorted by depth; pixels composite front to back,
+``C = sum_i c_i a_i T_i`` with ``T_i = prod_{j<i} (1 - a_j)`` and ``a = min(0.99, o exp(-d^T S^-1 d / 2))``,
+contributions with ``a < 1/255`` skipped.
+
+Work is done in *chunks* of tiles: a chunk's tensors are ``[tiles, K, 256]`` with ``K`` the longest list in
+the chunk (shorter lists padded with opacity 0), and ``tiles * K * 256 <= max_elements``. Tiles are sorted
+by list length first so padding wastes little, and a list longer than ``max_elements / 256`` is split along
+depth into slices composited in turn. So no tensor grows as Gaussians x pixels.
+
+The Gaussian exponent is a quadratic in the pixel position, so for a whole chunk it is one batched matmul
+``coef [T, K, 6] @ feats [6, 256]`` with ``feats = (u^2, v^2, uv, u, v, 1)`` in tile-local coordinates
+(centred on the tile, so the terms stay small and float32 keeps ~1e-6 accuracy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compresskit.adapters.gaussians.project import ALPHA_MAX, ALPHA_MIN, Splats
+
+TILE = 16  # pixels per tile side, as 3DGS and gsplat
+DEFAULT_MAX_ELEMENTS = 1 << 19  # per-chunk [T, K, P] size: ~2 MB float32 tensors, cache-friendly on CPU
+
+
+@dataclass
+class Bins:
+    """Splat-tile intersections sorted by (tile, depth); only tiles with at least one splat are listed.
+
+    gauss: ``[I]`` long, index into the Splats of each intersection, tile-major then front to back.
+    tile_x, tile_y: ``[I]`` long, tile column and row of each intersection.
+    tiles: ``[U]`` long, flat ids (``row * n_tiles_x + col``) of the non-empty tiles, ascending.
+    starts, counts: ``[U]`` long, where each non-empty tile's run begins in ``gauss`` and its length.
+    """
+
+    gauss: torch.Tensor
+    tile_x: torch.Tensor
+    tile_y: torch.Tensor
+    tiles: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+
+
+@torch.no_grad()
+def bin_splats(splats: Splats, width: int, height: int) -> Bins:
+    """List each splat in the tiles whose pixel centres its alpha >= 1/255 box covers, sorted by depth."""
+    n_tx = (width + TILE - 1) // TILE
+    m = splats.means2d.shape[0]
+    lo = torch.ceil(splats.means2d - splats.extents - 0.5)  # first pixel index whose centre is inside
+    hi = torch.floor(splats.means2d + splats.extents - 0.5)
+    size = torch.tensor([width - 1, height - 1], dtype=lo.dtype, device=lo.device)
+    lo = torch.minimum(torch.maximum(lo, torch.zeros_like(lo)), size + 1).long()
+    hi = torch.minimum(torch.maximum(hi, torch.full_like(hi, -1.0)), size).long()
+    t0 = torch.div(lo, TILE, rounding_mode="floor")
+    t1 = torch.div(hi, TILE, rounding_mode="floor")
+    span = (t1 - t0 + 1).clamp(min=0) * (hi >= lo)  # [M, 2] tiles covered along x and y
+    per_splat = span[:, 0] * span[:, 1]  # [M]
+    gauss = torch.repeat_interleave(torch.arange(m, device=lo.device), per_splat)  # [I]
+    first = torch.cumsum(per_splat, 0) - per_splat  # [M] offset of each splat's first intersection
+    local = torch.arange(gauss.numel(), device=lo.device) - first[gauss]
+    wide = span[gauss, 0]
+    tile_x = t0[gauss, 0] + local % wide.clamp(min=1)
+    tile_y = t0[gauss, 1] + torch.div(local, wide.clamp(min=1), rounding_mode="floor")
+    flat = tile_y * n_tx + tile_x
+    # Sort by tile, then by depth (stable for equal depths: lower index in front).
+    rank = torch.empty(m, dtype=torch.long, device=lo.device)
+    rank[torch.sort(splats.depths, stable=True).indices] = torch.arange(m, device=lo.device)
+    order = torch.sort(flat * max(m, 1) + rank[gauss]).indices
+    gauss, tile_x, tile_y, flat = gauss[order], tile_x[order], tile_y[order], flat[order]
+    tiles, counts = torch.unique_consecutive(flat, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return Bins(gauss, tile_x, tile_y, tiles, starts, counts)
+
+
+def plan_chunks(counts: torch.Tensor, max_elements: int, pixels: int = TILE * TILE) -> list[tuple[int, int, int, int]]:
+    """Split the work into chunks of at most ``max_elements`` per-pixel-per-splat entries.
+
+    counts: ``[U]`` list lengths, sorted descending. Returns ``(row0, row1, k0, k)``: tiles ``row0:row1`` of
+    that order, depth slots ``k0 : k0 + k``, so a chunk's tensors are ``[row1 - row0, k, pixels]``.
+    """
+    max_k = max(1, max_elements // pixels)
+    plan = []
+    c = counts.tolist()
+    k0 = 0
+    while c and c[0] > k0:  # one pass per depth slice of max_k slots; tiles with lists that long take part
+        n_rows = sum(1 for x in c if x > k0)  # a prefix, since counts are sorted descending
+        row = 0
+        while row < n_rows:
+            k = min(c[row] - k0, max_k)
+            rows = max(1, min(n_rows - row, max_elements // (k * pixels)))
+            plan.append((row, row + rows, k0, k))
+            row += rows
+        k0 += max_k
+    return plan
+
+
+def pixel_features(dtype: torch.dtype, device) -> torch.Tensor:
+    """``[6, TILE*TILE]``: (u^2, v^2, uv, u, v, 1) of each pixel centre relative to its tile's centre."""
+    r = torch.arange(TILE, dtype=dtype, device=device) + 0.5 - TILE / 2
+    v, u = torch.meshgrid(r, r, indexing="ij")  # row-major pixels: v is the row offset, u the column
+    u, v = u.reshape(-1), v.reshape(-1)
+    return torch.stack([u * u, v * v, u * v, u, v, torch.ones_like(u)])
+
+
+def exponent_coefs(means2d: torch.Tensor, conics: torch.Tensor, tile_x: torch.Tensor, tile_y: torch.Tensor):
+    """``[I, 6]`` coefficients of ``-d^T S^-1 d / 2`` as a quadratic in tile-local pixel coordinates.
+
+    means2d ``[I, 2]`` pixels and conics ``[I, 3]`` (a, b, c) per intersection; tile_x, tile_y ``[I]``.
+    """
+    mx = means2d[:, 0] - (tile_x * TILE + TILE / 2).to(means2d.dtype)
+    my = means2d[:, 1] - (tile_y * TILE + TILE / 2).to(means2d.dtype)
+    a, b, c = conics.unbind(-1)
+    return torch.stack(
+        [-0.5 * a, -0.5 * c, -b, a * mx + b * my, b * mx + c * my, -0.5 * (a * mx * mx + c * my * my) - b * mx * my],
+        dim=-1,
+    )
+
+
+def composite(coefs: torch.Tensor, opacities: torch.Tensor, rgb: torch.Tensor, feats: torch.Tensor):
+    """Front-to-back compositing of one chunk.
+
+    coefs ``[T, K, 6]``, opacities ``[T, K]`` (0 for padding), rgb ``[T, K, 3]``, feats ``[6, P]``.
+    Returns colour ``[T, 3, P]`` (without background) and final transmittance ``[T, P]``.
+    """
+    # Capping at min(o, 0.99) rather than 0.99 also absorbs float32 rounding that puts the exponent a hair
+    # above 0 at a splat's centre (the polynomial form cancels terms of size ~|mean - tile centre|^2 / var).
+    cap = opacities.clamp(max=ALPHA_MAX)[..., None]
+    alpha = torch.minimum(opacities[..., None] * torch.exp(coefs @ feats), cap)  # [T, K, P]
+    alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
+    trans = torch.cumprod(1.0 - alpha, dim=1)  # inclusive; 1 - alpha >= 0.01 so no zero, no division issue
+    before = torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], dim=1)  # T_i = prod_{j<i}
+    return rgb.transpose(1, 2) @ (alpha * before), trans[:, -1]
+
+
+def rasterize(splats: Splats, width: int, height: int, background: torch.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """Composite ``splats`` into an image; returns ``image [3, H, W]`` and ``alpha [H, W]`` (1 - transmittance).
+
+    background: ``[3]``, added where transmittance remains. ``max_elements`` bounds every chunk (see module doc).
+    """
+    dtype, device = splats.means2d.dtype, splats.means2d.device
+    n_tx, n_ty = (width + TILE - 1) // TILE, (height + TILE - 1) // TILE
+    pixels = TILE * TILE
+    bins = bin_splats(splats, width, height)
+    color = torch.zeros(n_tx * n_ty, 3, pixels, dtype=dtype, device=device)
+    trans = torch.ones(n_tx * n_ty, pixels, dtype=dtype, device=device)
+    if bins.gauss.numel():
+        g = bins.gauss
+        coefs = exponent_coefs(splats.means2d[g], splats.conics[g], bins.tile_x, bins.tile_y)  # [I, 6]
+        # One zero row at the end: padding slots index it, so they have opacity 0 and add nothing.
+        coefs = torch.cat([coefs, coefs.new_zeros(1, 6)])
+        opac = torch.cat([splats.opacities[g], splats.opacities.new_zeros(1)])
+        rgb = torch.cat([splats.colors[g], splats.colors.new_zeros(1, 3)])
+        pad = g.numel()
+        counts, by_len = torch.sort(bins.counts, descending=True, stable=True)
+        starts = bins.starts[by_len]
+        feats = pixel_features(dtype, device)
+        tile_color = torch.zeros(counts.numel(), 3, pixels, dtype=dtype, device=device)
+        tile_trans = torch.ones(counts.numel(), pixels, dtype=dtype, device=device)
+        parts: dict[int, list] = {}
+        for row0, row1, k0, k in plan_chunks(counts, max_elements, pixels):
+            slot = torch.arange(k0, k0 + k, device=device)
+            idx = starts[row0:row1, None] + slot  # [T, k]
+            idx = torch.where(slot < counts[row0:row1, None], idx, torch.full_like(idx, pad))
+            parts.setdefault(k0, []).append(composite(coefs[idx], opac[idx], rgb[idx], feats))
+        for k0 in sorted(parts):  # depth slices in front-to-back order: C += T * C_slice, T *= T_slice
+            c_slice = torch.cat([p[0] for p in parts[k0]])
+            t_slice = torch.cat([p[1] for p in parts[k0]])
+            n = c_slice.shape[0]
+            rest = tile_trans[n:]
+            tile_color = torch.cat([tile_color[:n] + tile_trans[:n, None] * c_slice, tile_color[n:]])
+            tile_trans = torch.cat([tile_trans[:n] * t_slice, rest])
+        where = bins.tiles[by_len]
+        color = color.index_copy(0, where, tile_color)
+        trans = trans.index_copy(0, where, tile_trans)
+    image = color + trans[:, None] * background.to(dtype)[None, :, None]  # [n_tiles, 3, P]
+    image = image.reshape(n_ty, n_tx, 3, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(3, n_ty * TILE, n_tx * TILE)
+    alpha = (1.0 - trans).reshape(n_ty, n_tx, TILE, TILE).permute(0, 2, 1, 3).reshape(n_ty * TILE, n_tx * TILE)
+    return image[:, :height, :width], alpha[:height, :width]
