@@ -12,6 +12,7 @@ from compresskit.adapters.base import (
     register_adapter,
 )
 from compresskit.adapters.diffusion import DiTAdapter  # registers "dit"
+from compresskit.adapters.gaussians import GaussianSplatAdapter  # registers "gaussians"
 from compresskit.adapters.lm import CausalLMAdapter  # registers "lm"
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "DataSpec",
     "DiTAdapter",
     "EvalSpec",
+    "GaussianSplatAdapter",
     "LoadedModel",
     "Option",
     "adapter_for",

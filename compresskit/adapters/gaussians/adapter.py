@@ -56,7 +56,7 @@ class SplatModel(nn.Module):
         return torch.stack([render(self.gaussians, self.cameras[i]).image for i in camera_index.tolist()])
 
 
-@register_adapter
+@register_adapter("gaussians")
 class GaussianSplatAdapter(Adapter):
     name = "gaussians"
     primary_metric = "psnr"
@@ -230,7 +230,7 @@ def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
     from compresskit.nn import quantized_tensors
 
     scene = loaded.model.gaussians
-    quantized = {name.removeprefix("gaussians."): qt for name, qt in quantized_tensors(loaded.model).items()}
+    quantized = {name.removeprefix("gaussians."): qt for name, (_, _, qt) in quantized_tensors(loaded.model).items()}
     dense_bits = 16 if quantized else 32  # a compressed scene keeps the rest at the default dense dtype, float16
     stored_bits = 0.0
     for attr in ATTRIBUTES:
