@@ -92,7 +92,7 @@ def save(
     for name, (owner, attr, qt) in quantized_tensors(model).items():
         quantizer = qt.bind()
         for key, tensor in quantizer.state_tensors().items():
-            tensors[f"{name}.{key}"] = tensor.detach().to("cpu", tensor.dtype if not tensor.is_floating_point() else torch.float16).contiguous()
+            tensors[f"{name}.{key}"] = tensor.detach().to("cpu", tensor.dtype if not tensor.is_floating_point() else quantizer.stored_float_dtype()).contiguous()
         layer = by_name.get(name)
         also = [f"{o}:{a}" for o, a in owners_of(model, qt) if (o, a) != (owner, attr)]
         layers[name] = {

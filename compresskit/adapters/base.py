@@ -216,6 +216,16 @@ class Adapter(ABC):
         """Write an ordinary dequantized checkpoint that the family's own library loads."""
         raise CompressKitError(f"the {self.name!r} adapter has no dense export")
 
+    def decompress(self, loaded: LoadedModel, out: Path, overwrite: bool = False) -> Path:
+        """Write the decoded model as one file in the family's standard format (``compresskit decompress``)."""
+        raise CompressKitError(f"the {self.name!r} adapter cannot decompress to one file; use `compresskit quantize --export dense`")
+
+    # ---- optional: views of a scene (``compresskit render``) ---------------------------------
+    def render_pair(self, loaded: LoadedModel, n_views: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uncompressed, this model)`` pictures of the first ``n_views`` evaluation views at most
+        ``size`` pixels on a side, float ``[V, 3, H, W]`` in [0, 1]."""
+        raise CompressKitError(f"the {self.name!r} adapter cannot render views; `compresskit render` needs a 3DGS scene")
+
     # ---- derived from the data above (not meant to be overridden) ---------------------------
     def dense_reason(self, name: str) -> str | None:
         """Why target ``name`` is kept dense, or ``None`` when it may be compressed."""

@@ -1,4 +1,4 @@
-"""The ``compresskit`` command (Typer): quantize, eval, sample, info, methods, estimate.
+"""The ``compresskit`` command (Typer): quantize, eval, sample, render, decompress, info, methods, estimate.
 
 Every command prints a readable table, or one JSON document with ``--json``. Bad input (unknown
 method, bits out of range, missing model, unreadable file) ends with a one-line ``error: ...`` on
@@ -182,6 +182,39 @@ def sample(
     )
     result = run_sample(request, quiet=as_json)
     output.print_json(result) if as_json else output.sample_summary(result)
+
+
+@app.command()
+def render(
+    model: str = typer.Argument(..., help="A compressed-model directory, or a scene (.ply, ref-scene)."),
+    out: str = typer.Option(..., help="The PNG file to write (its directory must exist)."),
+    views: int = typer.Option(4, help="Held-out views to draw, 1 to 64."),
+    size: int = typer.Option(128, help="Longest side of each view in pixels."),
+    compare: bool = typer.Option(False, "--compare", help="Put the uncompressed scene's views on the left."),
+    adapter: Optional[str] = typer.Option(None, help="Model family adapter (default: the one the manifest records or that recognises MODEL)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Render a 3DGS scene's held-out views into one PNG, each captioned with its PSNR against the uncompressed scene."""
+    from compresskit.cli.scene import RenderRequest, run_render
+
+    result = run_render(RenderRequest(model, out, views, size, compare, adapter, overwrite), quiet=as_json)
+    output.print_json(result) if as_json else output.console.print(f"wrote {result['out']} ({result['views']} views, {result['width']}x{result['height']} px)", highlight=False)
+
+
+@app.command()
+def decompress(
+    model: str = typer.Argument(..., help="A compressed-model directory."),
+    out: str = typer.Option(..., help="The file to write in the family's own format (a 3DGS scene: .ply)."),
+    adapter: Optional[str] = typer.Option(None, help="Model family adapter (default: the one the manifest records)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Write a compressed model decoded, as one standard file (a 3DGS scene as the .ply viewers open)."""
+    from compresskit.cli.scene import run_decompress
+
+    result = run_decompress(model, out, adapter, overwrite, quiet=as_json)
+    output.print_json(result) if as_json else output.console.print(f"wrote {result['out']} ({result['bytes']:,} bytes)", highlight=False)
 
 
 @app.command()

@@ -194,6 +194,11 @@ class Quantizer:
         out["codes_"] = pack_codes(self.codes_, self.code_bits_)
         return out
 
+    def stored_float_dtype(self) -> torch.dtype:
+        """The dtype the learned float tensors (codebooks, scales) are stored in, as :meth:`size_report`
+        counts them: float16 unless a quantizer says otherwise."""
+        return torch.float16
+
     def state_meta(self) -> dict[str, Any]:
         """JSON-able description: quantizer name, parameters and scalar learned state."""
         self._check_fitted()

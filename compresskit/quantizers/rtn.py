@@ -46,6 +46,9 @@ class RTN(Quantizer):
     def _scale_bits(self) -> int:
         return SCALE_BITS if self.bits <= 8 else 32
 
+    def stored_float_dtype(self) -> torch.dtype:
+        return torch.float16 if self._scale_bits == SCALE_BITS else torch.float32
+
     def _group(self, cols: int) -> int:
         return cols if self.group_size is None else min(self.group_size, cols)
 

@@ -33,6 +33,7 @@ from compresskit.adapters.gaussians.render import render
 from compresskit.adapters.gaussians.scene import GaussianScene
 from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
 from compresskit.errors import CompressKitError
+from compresskit.io import TENSORS
 from compresskit.targets import Layout
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -44,16 +45,17 @@ FLOAT32_BYTES = 4
 
 
 class SplatModel(nn.Module):
-    """A scene and the cameras it is seen from: ``model(camera_index [B] long) -> images [B, 3, H, W]``
-    (all cameras one size), differentiable with respect to every attribute."""
+    """A scene and the cameras it is seen from: ``model(camera_index [B] long, size) -> images [B, 3, H, W]``
+    (each camera's image at most ``size`` pixels on a side, 0: its own size; all one size),
+    differentiable with respect to every attribute."""
 
     def __init__(self, gaussians: GaussianScene, cameras: tuple[Camera, ...]):
         super().__init__()
         self.gaussians = gaussians
         self.cameras = cameras
 
-    def forward(self, camera_index: torch.Tensor) -> torch.Tensor:
-        return torch.stack([render(self.gaussians, self.cameras[i]).image for i in camera_index.tolist()])
+    def forward(self, camera_index: torch.Tensor, size: int = 0) -> torch.Tensor:
+        return torch.stack([render(self.gaussians, fit_camera(self.cameras[i], size)).image for i in camera_index.tolist()])
 
 
 @register_adapter("gaussians")
@@ -65,8 +67,8 @@ class GaussianSplatAdapter(Adapter):
         ("gaussians.opacities", {"method": "rtn", "bits": 8}, "opacity is one scalar per Gaussian: scalar quantization, 8 bits"),
         ("gaussians.means", {"method": "rtn", "bits": 16}, "positions: 16-bit uniform per coordinate (finer than float16 in a bounded scene)"),
     )
-    calib_options = {"size": Option(64, "longest image side in pixels of the calibration renders")}
-    eval_options = {"size": Option(96, "longest image side in pixels of the evaluation renders")}
+    calib_options = {"calib_size": Option(64, "longest image side in pixels of the calibration renders")}
+    eval_options = {"eval_size": Option(96, "longest image side in pixels of the evaluation renders")}
     loss_keys = ("target",)
 
     @classmethod
@@ -117,23 +119,22 @@ class GaussianSplatAdapter(Adapter):
         if data.n_samples > n_cal:
             raise CompressKitError(f"asked for {data.n_samples} calibration views, but the scene has {n_cal} calibration cameras; pass --calib-samples {n_cal} or fewer")
         order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(data.seed))[: data.n_samples]
-        size = self.option(data, "size")
+        size = self.option(data, "calib_size")
         model: SplatModel = loaded.model
         batches = []
         with torch.no_grad():
-            for i in order.tolist():
-                cam = fit_camera(views.calibration[i], size)
-                batches.append({"camera_index": torch.tensor([_index_of(model, cam)]), "target": render(model.gaussians, cam).image[None]})
+            for i in order.tolist():  # calibration cameras come first in the model's list
+                batches.append({"camera_index": torch.tensor([i]), "size": size, "target": model(torch.tensor([i]), size)})
         return batches
 
     def task_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return render_loss(model(camera_index=batch["camera_index"]), batch["target"])
+        return render_loss(model(camera_index=batch["camera_index"], size=batch["size"]), batch["target"])
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
         """PSNR / SSIM of the held-out renders against the uncompressed scene's, the PSNR drop
         against ground truth where there is one, and the compression ratios."""
-        size = self.option(spec, "size")
+        size = self.option(spec, "eval_size")
         views: Views = loaded.extras["views"]
         cams = [fit_camera(c, size) for c in views.evaluation]
         original = loaded.extras["original"]
@@ -224,9 +225,11 @@ def _decoded(scene: GaussianScene) -> GaussianScene:
 
 
 def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
-    """``compression_ratio``: the ``.ply`` file's bytes over the compressed directory's (all files)
-    when ``loaded`` was read from one, else over the attribute bytes; ``attribute_ratio``: float32
-    attribute bytes over their compressed bytes (codes packed, codebooks and scales at their dtype)."""
+    """``compression_ratio``: the ``.ply`` file's bytes over the compressed scene file's
+    (``model.safetensors``, its header included) when ``loaded`` was read from a directory, else
+    over the attribute bytes; ``directory_bytes``: every file of that directory (the manifest's
+    per-target report and the cameras too); ``attribute_ratio``: float32 attribute bytes over their
+    compressed bytes (codes packed, codebooks and scales at their stored dtype)."""
     from compresskit.nn import quantized_tensors
 
     scene = loaded.model.gaussians
@@ -241,22 +244,15 @@ def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
     n_values = sum(getattr(scene, a).numel() for a in ATTRIBUTES)
     out = {"attribute_ratio": n_values * FLOAT32_BYTES * 8 / stored_bits, "bits_per_gaussian": stored_bits / scene.num_gaussians}
     directory = Path(loaded.resolved)
-    if directory.is_dir():
-        files = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-        out["compression_ratio"] = original["ply_bytes"] / files
-        out["compressed_bytes"] = float(files)
-    else:
+    if (directory / TENSORS).is_file():
+        out["compression_ratio"] = original["ply_bytes"] / (directory / TENSORS).stat().st_size
+        out["compressed_bytes"] = float((directory / TENSORS).stat().st_size)
+        out["directory_bytes"] = float(sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()))
+    elif quantized:
         out["compression_ratio"] = original["ply_bytes"] * 8 / stored_bits
+    else:
+        out["compression_ratio"] = 1.0  # the .ply itself
     return out
-
-
-def _index_of(model: SplatModel, camera: Camera) -> int:
-    """Where ``camera`` sits in the model's camera list (added when it is a resized copy)."""
-    for i, c in enumerate(model.cameras):
-        if c is camera:
-            return i
-    model.cameras = model.cameras + (camera,)
-    return len(model.cameras) - 1
 
 
 def _camera_json(c: Camera) -> dict:

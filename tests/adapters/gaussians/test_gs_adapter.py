@@ -1,0 +1,169 @@
+"""The gaussians adapter through the front door and the CLI, on a tiny random scene (a few hundred
+Gaussians, 16-pixel renders): targets and their methods, save / load / decompress round trips,
+render-loss calibration, cameras from a 3DGS cameras.json, and the one-line errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("plyfile", reason="3DGS .ply files need plyfile (pip install 'compresskit[gaussians]')")
+
+import compresskit  # noqa: E402
+from compresskit import CompressConfig  # noqa: E402
+from compresskit.adapters import adapter_for  # noqa: E402
+from compresskit.adapters.gaussians.adapter import GaussianSplatAdapter  # noqa: E402
+from compresskit.adapters.gaussians.ply import read_ply  # noqa: E402
+from compresskit.adapters.gaussians.scene import GaussianScene  # noqa: E402
+from compresskit.calib.config import CalibrationConfig  # noqa: E402
+from compresskit.cli.main import main  # noqa: E402
+from compresskit.errors import CompressKitError  # noqa: E402
+
+EVAL = {"eval_size": 16}
+
+
+def random_scene(n: int = 300, seed: int = 0) -> GaussianScene:
+    g = torch.Generator().manual_seed(seed)
+    return GaussianScene(
+        torch.randn(n, 3, generator=g) * 0.5, torch.randn(n, 3, generator=g) * 0.5, torch.randn(n, 15, 3, generator=g) * 0.1,
+        torch.randn(n, generator=g) + 1, torch.randn(n, 3, generator=g) * 0.3 - 2.5, torch.randn(n, 4, generator=g),
+    )
+
+
+@pytest.fixture()
+def ply(tmp_path):
+    path = tmp_path / "scene.ply"
+    random_scene().save(path)
+    return path
+
+
+def compressed(ply, **config):
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    report = compresskit.compress(loaded, CompressConfig(**{"method": "pq", "bits": 2, **config}), adapter=adapter)
+    return adapter, loaded, report
+
+
+def test_the_adapter_is_picked_from_a_ply_and_attributes_are_the_targets(ply):
+    assert adapter_for(str(ply)) is GaussianSplatAdapter
+    _, loaded, report = compressed(ply)
+    methods = {layer.name: (layer.method, layer.shape) for layer in report.layers}
+    assert methods == {
+        "gaussians.f_rest": ("pq", (300, 15, 3)), "gaussians.f_dc": ("pq", (300, 3)), "gaussians.scales": ("pq", (300, 3)),
+        "gaussians.quats": ("pq", (300, 4)), "gaussians.opacities": ("rtn", (1, 300)), "gaussians.means": ("rtn", (3, 300)),
+    }
+    scene = loaded.model.gaussians
+    assert scene.opacities.shape == (300,) and scene.f_rest.shape == (300, 15, 3)
+    # 16-bit positions: within half a step of a 2^16-level grid over each coordinate's range
+    original = read_ply(ply).means
+    step = (original.max(0) - original.min(0)) / 65535
+    assert (scene.means.detach().numpy() - original).__abs__().max() <= step.max() * 0.51 + 1e-6
+
+
+def test_the_users_override_and_exclude_win_over_the_familys_methods(ply):
+    _, loaded, report = compressed(ply, overrides=(("gaussians.opacities", {"method": "rtn", "bits": 4}),), exclude=("gaussians.means",))
+    by_name = {layer.name: layer for layer in report.layers}
+    assert by_name["gaussians.opacities"].params["bits"] == 4
+    assert "gaussians.means" not in by_name and "gaussians.means" in report.kept_dense
+
+
+def test_evaluation_compares_with_the_uncompressed_renders_and_counts_bytes(ply, tmp_path):
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    before = adapter.evaluate(loaded, adapter.eval_spec(options=EVAL))
+    assert before["psnr"] == 100.0 and before["ssim"] == pytest.approx(1.0) and before["compression_ratio"] == 1.0
+    assert "psnr_drop_db_skipped" in before  # a random scene has no ground truth
+    report = compresskit.compress(loaded, CompressConfig(method="pq", bits=2), adapter=adapter)
+    after = adapter.evaluate(loaded, adapter.eval_spec(options=EVAL))
+    assert 10 < after["psnr"] < 60 and after["ssim"] < 1
+    fp32_bits = 300 * 59 * 32
+    assert after["attribute_ratio"] == pytest.approx(fp32_bits / after["bits_per_gaussian"] / 300)
+    out = tmp_path / "c"
+    compresskit.save(loaded.model, report, out, source={"model": str(ply), "adapter": "gaussians"},
+                     save_architecture=lambda d: adapter.save_architecture(loaded, d))
+    from compresskit.io import load_compressed
+
+    reloaded, _ = load_compressed(out)
+    again = adapter.evaluate(reloaded, adapter.eval_spec(options=EVAL))
+    assert again["psnr"] == pytest.approx(after["psnr"], abs=1e-4)
+    assert again["compression_ratio"] == pytest.approx(ply.stat().st_size / (out / "model.safetensors").stat().st_size)
+    for attr in ("means", "f_rest", "opacities"):
+        assert torch.equal(getattr(reloaded.model.gaussians, attr), getattr(loaded.model.gaussians, attr))
+
+
+def test_render_loss_calibration_trains_the_codebooks_and_lowers_the_loss(ply):
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    calibration = CalibrationConfig(n_samples=4, batch_size=2, m_objective="task", em_rounds=1, m_steps=6, lr=3e-3, m_batch=2,
+                                    options={"calib_size": 16})
+    plain = adapter.load(str(ply))
+    compresskit.compress(plain, CompressConfig(method="pq", bits=1), adapter=adapter)
+    compresskit.compress(loaded, CompressConfig(method="pq", bits=1), adapter=adapter, calibration=calibration)
+    batches = adapter.calibration_batches(loaded, adapter.calib_spec(n_samples=4, options={"calib_size": 16}))
+    with torch.no_grad():
+        loss_plain = sum(float(adapter.task_loss(plain.model, b)) for b in batches)
+        loss_em = sum(float(adapter.task_loss(loaded.model, b)) for b in batches)
+    assert loss_em < loss_plain
+
+
+def test_cameras_come_from_a_3dgs_cameras_json_with_every_8th_held_out(ply):
+    cams = []
+    for i in range(10):
+        angle = 2 * math.pi * i / 10
+        centre = [3 * math.cos(angle), 3 * math.sin(angle), 0.5]
+        forward = torch.tensor([-c for c in centre])
+        forward = forward / forward.norm()
+        right = torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0]))
+        right = right / right.norm()
+        down = torch.linalg.cross(forward, right)
+        rotation = torch.stack([right, down, forward], dim=1)  # camera-to-world, columns the camera axes
+        cams.append({"id": i, "img_name": f"{i:05d}", "width": 40, "height": 30, "position": centre, "rotation": rotation.tolist(), "fx": 35.0, "fy": 35.0})
+    (ply.parent / "cameras.json").write_text(json.dumps(cams))
+    views = GaussianSplatAdapter().load(str(ply)).extras["views"]
+    assert len(views.evaluation) == 2 and len(views.calibration) == 8 and views.source.startswith("cameras.json")
+    assert (views.evaluation[1].width, views.evaluation[1].height) == (40, 30)
+    torch.testing.assert_close(views.evaluation[1].center.double(), torch.tensor(cams[8]["position"], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_cli_quantize_eval_render_and_decompress(ply, tmp_path, capsys):
+    out = tmp_path / "q"
+    main(["quantize", "--model", str(ply), "--method", "vq", "--bits", "2", "--preset", "none", "--out", str(out), "--option", "eval_size=16", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"] == "gaussians" and len(result["report"]["layers"]) == 6
+    main(["render", str(out), "--compare", "--views", "2", "--size", "16", "--out", str(tmp_path / "v.png"), "--json"])
+    rendered = json.loads(capsys.readouterr().out)
+    assert rendered["views"] == 2 and all(10 < p < 100 for p in rendered["psnr_db"])
+    main(["decompress", str(out), "--out", str(tmp_path / "d.ply")])
+    decoded = read_ply(tmp_path / "d.ply")
+    loaded, _ = compresskit.io.load_compressed(out)
+    assert (decoded.f_rest == loaded.model.gaussians.f_rest.detach().numpy()).all()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["decompress", str(out), "--out", str(tmp_path / "d.ply")])
+    assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["render", "{bad}", "--out", "{tmp}/v.png"], "not a readable .ply"),
+    (["quantize", "--model", "{bad}", "--preset", "none", "--out", "{tmp}/o"], "not a readable .ply"),
+    (["render", "{ply}", "--views", "0", "--out", "{tmp}/v.png"], "--views must be"),
+    (["decompress", "{ply}", "--out", "{tmp}/x.txt"], "written as a .ply file"),
+])
+def test_cli_errors_are_one_line_with_exit_2_and_nothing_written(ply, tmp_path, capsys, argv, message):
+    bad = tmp_path / "bad.ply"
+    bad.write_text("this is not a ply\n")
+    argv = [a.format(bad=bad, ply=ply, tmp=tmp_path) for a in argv]
+    before = set(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # after any progress lines
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0]
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_too_many_calibration_views_is_one_clear_error(ply):
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    with pytest.raises(CompressKitError, match="calibration cameras"):
+        adapter.calibration_batches(loaded, adapter.calib_spec(n_samples=500))
