@@ -11,7 +11,7 @@ by list length first so padding wastes little, and a list longer than ``max_elem
 depth into slices composited in turn. So no tensor grows as Gaussians x pixels.
 
 The Gaussian exponent is a quadratic in the pixel position, so for a whole chunk it is one batched matmul
-``coef [T, K, 6] @ feats [6, 256]`` with ``feats = (u^2, v^2, uv, u, v, 1)`` in tile-local coordinates
+``feats [256, 6] @ coef [T, 6, K]`` with ``feats = (u^2, v^2, uv, u, v, 1)`` in tile-local coordinates
 (centred on the tile, so the terms stay small and float32 keeps ~1e-6 accuracy).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compresskit.adapters.gaussians.project import ALPHA_MAX, ALPHA_MIN, Splats
+from compresskit.adapters.gaussians.composite import composite
+from compresskit.adapters.gaussians.project import Splats
 
 TILE = 16  # pixels per tile side, as 3DGS and gsplat
 DEFAULT_MAX_ELEMENTS = 1 << 19  # per-chunk [T, K, P] size: ~2 MB float32 tensors, cache-friendly on CPU
@@ -98,11 +99,11 @@ def plan_chunks(counts: torch.Tensor, max_elements: int, pixels: int = TILE * TI
 
 
 def pixel_features(dtype: torch.dtype, device) -> torch.Tensor:
-    """``[6, TILE*TILE]``: (u^2, v^2, uv, u, v, 1) of each pixel centre relative to its tile's centre."""
+    """``[TILE*TILE, 6]``: (u^2, v^2, uv, u, v, 1) of each pixel centre relative to its tile's centre."""
     r = torch.arange(TILE, dtype=dtype, device=device) + 0.5 - TILE / 2
     v, u = torch.meshgrid(r, r, indexing="ij")  # row-major pixels: v is the row offset, u the column
     u, v = u.reshape(-1), v.reshape(-1)
-    return torch.stack([u * u, v * v, u * v, u, v, torch.ones_like(u)])
+    return torch.stack([u * u, v * v, u * v, u, v, torch.ones_like(u)], dim=1)
 
 
 def exponent_coefs(means2d: torch.Tensor, conics: torch.Tensor, tile_x: torch.Tensor, tile_y: torch.Tensor):
@@ -119,22 +120,6 @@ def exponent_coefs(means2d: torch.Tensor, conics: torch.Tensor, tile_x: torch.Te
     )
 
 
-def composite(coefs: torch.Tensor, opacities: torch.Tensor, rgb: torch.Tensor, feats: torch.Tensor):
-    """Front-to-back compositing of one chunk.
-
-    coefs ``[T, K, 6]``, opacities ``[T, K]`` (0 for padding), rgb ``[T, K, 3]``, feats ``[6, P]``.
-    Returns colour ``[T, 3, P]`` (without background) and final transmittance ``[T, P]``.
-    """
-    # Capping at min(o, 0.99) rather than 0.99 also absorbs float32 rounding that puts the exponent a hair
-    # above 0 at a splat's centre (the polynomial form cancels terms of size ~|mean - tile centre|^2 / var).
-    cap = opacities.clamp(max=ALPHA_MAX)[..., None]
-    alpha = torch.minimum(opacities[..., None] * torch.exp(coefs @ feats), cap)  # [T, K, P]
-    alpha = torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
-    trans = torch.cumprod(1.0 - alpha, dim=1)  # inclusive; 1 - alpha >= 0.01 so no zero, no division issue
-    before = torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], dim=1)  # T_i = prod_{j<i}
-    return rgb.transpose(1, 2) @ (alpha * before), trans[:, -1]
-
-
 def rasterize(splats: Splats, width: int, height: int, background: torch.Tensor, max_elements: int = DEFAULT_MAX_ELEMENTS):
     """Composite ``splats`` into an image; returns ``image [3, H, W]`` and ``alpha [H, W]`` (1 - transmittance).
 
@@ -144,7 +129,7 @@ def rasterize(splats: Splats, width: int, height: int, background: torch.Tensor,
     n_tx, n_ty = (width + TILE - 1) // TILE, (height + TILE - 1) // TILE
     pixels = TILE * TILE
     bins = bin_splats(splats, width, height)
-    color = torch.zeros(n_tx * n_ty, 3, pixels, dtype=dtype, device=device)
+    color = torch.zeros(n_tx * n_ty, pixels, 3, dtype=dtype, device=device)
     trans = torch.ones(n_tx * n_ty, pixels, dtype=dtype, device=device)
     if bins.gauss.numel():
         g = bins.gauss
@@ -157,7 +142,7 @@ def rasterize(splats: Splats, width: int, height: int, background: torch.Tensor,
         counts, by_len = torch.sort(bins.counts, descending=True, stable=True)
         starts = bins.starts[by_len]
         feats = pixel_features(dtype, device)
-        tile_color = torch.zeros(counts.numel(), 3, pixels, dtype=dtype, device=device)
+        tile_color = torch.zeros(counts.numel(), pixels, 3, dtype=dtype, device=device)
         tile_trans = torch.ones(counts.numel(), pixels, dtype=dtype, device=device)
         parts: dict[int, list] = {}
         for row0, row1, k0, k in plan_chunks(counts, max_elements, pixels):
@@ -170,12 +155,12 @@ def rasterize(splats: Splats, width: int, height: int, background: torch.Tensor,
             t_slice = torch.cat([p[1] for p in parts[k0]])
             n = c_slice.shape[0]
             rest = tile_trans[n:]
-            tile_color = torch.cat([tile_color[:n] + tile_trans[:n, None] * c_slice, tile_color[n:]])
+            tile_color = torch.cat([tile_color[:n] + tile_trans[:n, :, None] * c_slice, tile_color[n:]])
             tile_trans = torch.cat([tile_trans[:n] * t_slice, rest])
         where = bins.tiles[by_len]
         color = color.index_copy(0, where, tile_color)
         trans = trans.index_copy(0, where, tile_trans)
-    image = color + trans[:, None] * background.to(dtype)[None, :, None]  # [n_tiles, 3, P]
-    image = image.reshape(n_ty, n_tx, 3, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(3, n_ty * TILE, n_tx * TILE)
+    image = color + trans[..., None] * background.to(dtype)  # [n_tiles, P, 3]
+    image = image.reshape(n_ty, n_tx, TILE, TILE, 3).permute(4, 0, 2, 1, 3).reshape(3, n_ty * TILE, n_tx * TILE)
     alpha = (1.0 - trans).reshape(n_ty, n_tx, TILE, TILE).permute(0, 2, 1, 3).reshape(n_ty * TILE, n_tx * TILE)
     return image[:, :height, :width], alpha[:height, :width]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from compresskit.adapters.gaussians import raster
+from compresskit.adapters.gaussians.composite import composite, composite_reference
 from compresskit.adapters.gaussians.project import ALPHA_MAX, ALPHA_MIN, SH_C0, project, sh_to_color
 from compresskit.adapters.gaussians.render import Camera, orbit_cameras, render, render_views
 from compresskit.errors import CompressKitError
@@ -208,9 +209,9 @@ def test_largest_chunk_tensor_stays_under_the_cap(monkeypatch):
     sizes = []
     real = raster.composite
 
-    def spy(coefs, opacities, rgb, feats):
-        sizes.append(coefs.shape[0] * coefs.shape[1] * feats.shape[1])
-        return real(coefs, opacities, rgb, feats)
+    def spy(coefs, opacities, rgb, feats_t):
+        sizes.append(coefs.shape[0] * coefs.shape[1] * feats_t.shape[0])  # the [T, P, K] tensors' size
+        return real(coefs, opacities, rgb, feats_t)
 
     monkeypatch.setattr(raster, "composite", spy)
     g = random_scene(300, seed=5)
@@ -220,6 +221,44 @@ def test_largest_chunk_tensor_stays_under_the_cap(monkeypatch):
     bins = raster.bin_splats(project(g, cam), 48, 48)
     assert int(bins.counts.max()) > 24, "the scene must have tiles longer than one chunk allows"
     assert max(sizes) <= budget and len(sizes) > 1
+
+
+def chunk_inputs(t, k, dtype, seed):
+    """Random but valid compositing inputs: ellipses near the tile, some opacities at the 0.99 cap, padding."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.rand(*s, generator=gen, dtype=dtype)  # noqa: E731
+    a, c, b = 0.05 + 0.3 * r(t, k), 0.05 + 0.3 * r(t, k), 0.05 * (r(t, k) - 0.5)
+    mx, my = 20 * r(t, k) - 10, 20 * r(t, k) - 10
+    coefs = torch.stack([-0.5 * a, -0.5 * c, -b, a * mx + b * my, b * mx + c * my,
+                         -0.5 * (a * mx * mx + c * my * my) - b * mx * my], -1)  # fmt: skip
+    opac = 0.05 + 0.9 * r(t, k)
+    opac[0, :3] = 0.999  # capped at 0.99 near their centres
+    opac[-1, -2:] = 0.0  # padding slots
+    return coefs, opac, r(t, k, 3), raster.pixel_features(dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hand_written_backward_matches_autograd_reference(dtype):
+    coefs, opac, rgb, feats = chunk_inputs(3, 40, dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    g_color, g_trans = torch.randn(3, 256, 3, generator=gen, dtype=dtype), torch.randn(3, 256, generator=gen, dtype=dtype)
+    grads = []
+    for fn in (composite, composite_reference):
+        inputs = [x.clone().requires_grad_(True) for x in (coefs, opac, rgb)]
+        color, trans = fn(*inputs, feats)
+        ((color * g_color).sum() + (trans * g_trans).sum()).backward()
+        grads.append((color.detach(), trans.detach(), *[x.grad for x in inputs]))
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    for ours, ref in zip(grads[0][:-1], grads[1][:-1]):  # colour, transmittance, coefs, opacity grads
+        torch.testing.assert_close(ours, ref, **tol)
+    torch.testing.assert_close(grads[0][-1], grads[1][-1], **tol)
+    assert float(grads[0][3][0, :3].abs().sum()) > 0  # the capped splats still get opacity gradient off-centre
+
+
+def test_composite_gradcheck_float64():
+    coefs, opac, rgb, feats = chunk_inputs(2, 6, torch.float64, seed=13)
+    inputs = [x.clone().requires_grad_(True) for x in (coefs, opac, rgb)]
+    assert torch.autograd.gradcheck(lambda *x: composite(*x, feats), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_finite_difference_gradients_float64():
