@@ -1,7 +1,8 @@
 """A differentiable tiled rasterizer for projected splats, in pure torch (the CPU path of ``render``).
 
-3DGS's algorithm, vectorised: the image is cut into square tiles (16x16 by default, as 3DGS); each splat is listed in every tile its
-alpha >= 1/255 box touches; each tile's list is sorted by depth; pixels composite front to back,
+3DGS's algorithm, vectorised: the image is cut into square tiles (16x16 by default, as 3DGS); each splat
+is listed in every tile its alpha >= 1/255 box touches; each tile's list is sorted by depth; pixels
+composite front to back,
 ``C = sum_i c_i a_i T_i`` with ``T_i = prod_{j<i} (1 - a_j)`` and ``a = min(0.99, o exp(-d^T S^-1 d / 2))``,
 contributions with ``a < 1/255`` skipped.
 
@@ -171,6 +172,8 @@ def rasterize(
         where = bins.tiles[by_len]
         color = color.index_copy(0, where, tile_color)
         trans = trans.index_copy(0, where, tile_trans)
+    else:  # nothing on screen: stay on the autograd graph (zero gradients) so a training step's backward works
+        color = color + 0.0 * splats.opacities.sum()
     image = color + trans[..., None] * background.to(dtype)  # [n_tiles, P, 3]
     image = image.reshape(n_ty, n_tx, tile, tile, 3).permute(4, 0, 2, 1, 3).reshape(3, n_ty * tile, n_tx * tile)
     alpha = (1.0 - trans).reshape(n_ty, n_tx, tile, tile).permute(0, 2, 1, 3).reshape(n_ty * tile, n_tx * tile)
