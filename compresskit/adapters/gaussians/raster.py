@@ -12,7 +12,7 @@ are sorted by list length first so padding wastes little, and a list longer than
 split along depth into slices composited in turn. So no tensor grows as Gaussians x pixels.
 
 The tile size changes the work, never the image (tile lists are exact supersets of where alpha >= 1/255).
-On CPU, 8x8 tiles are ~1.5-2x faster than 16x16 for small splats (fewer padded pixel-splat pairs).
+On CPU, 8x8 tiles are ~1.2-1.7x faster than 16x16 (fewer padded pixel-splat pairs; docs/BENCHMARKS.md).
 
 The Gaussian exponent is a quadratic in the pixel position, so for a whole chunk it is one batched matmul
 ``feats [P, 6] @ coef [T, 6, K]`` with ``feats = (u^2, v^2, uv, u, v, 1)`` in tile-local coordinates

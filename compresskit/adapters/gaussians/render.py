@@ -92,7 +92,7 @@ def render(
     background: RGB ``[3]`` in [0, 1] behind the scene, black by default. sh_degree: SH degree to evaluate
     (default: all the scene stores). CPU path only, neither changes the image: max_elements, the largest
     per-chunk ``[tiles, pixels, K]`` tensor (memory versus speed); tile_size, the tile side in pixels (16 as
-    3DGS; 8 is ~1.5-2x faster on CPU for small splats, see ``bench/gs_render_speed.py``).
+    3DGS; 8 is ~1.2-1.7x faster on CPU, see ``docs/BENCHMARKS.md``).
     """
     _check(gaussians)
     means = gaussians.means

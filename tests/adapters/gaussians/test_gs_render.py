@@ -376,3 +376,25 @@ def test_projection_and_sh_match_gsplat_torch_reference():
     dirs = g.means + w2c[:3, :3].T @ w2c[:3, 3]  # mean - camera centre
     want = (ref._spherical_harmonics(3, dirs, sh) + 0.5).clamp(min=0)
     torch.testing.assert_close(ours.colors, want[ours.ids], atol=1e-9, rtol=1e-9)
+
+
+def test_a_few_adam_steps_fit_a_target_view():
+    """The gradients are useful: fitting a jittered copy of a scene to the scene's render lowers the loss."""
+    from compresskit.adapters.gaussians.image_metrics import render_loss
+
+    cam = Camera.look_at((0.0, -2.5, 0.8), (0.0, 0.0, 0.0), fov_deg=50, width=24, height=24)
+    target = render(random_scene(30, seed=14), cam).image
+    g = random_scene(30, seed=14)
+    gen = torch.Generator().manual_seed(15)
+    for name in ("means", "f_dc", "opacities"):
+        v = getattr(g, name)
+        v.add_(0.1 * torch.randn(v.shape, generator=gen)).requires_grad_(True)
+    opt = torch.optim.Adam([g.means, g.f_dc, g.opacities], lr=0.01)
+    losses = []
+    for _ in range(40):
+        loss = render_loss(render(g, cam).image, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
