@@ -169,7 +169,8 @@ def project(gaussians, camera, sh_degree: int | None = None) -> Splats:
         lo, hi = means2d - extents, means2d + extents
         keep = (level > 0) & (hi[:, 0] > 0) & (hi[:, 1] > 0) & (lo[:, 0] < camera.width) & (lo[:, 1] < camera.height)
         keep = torch.nonzero(keep).squeeze(1)
-    rgb = colors(means[keep], gaussians.f_dc[front][keep], gaussians.f_rest[front][keep], camera.center.to(means), degree)
+    center = -rot.T @ trans  # the camera centre, in the scene's dtype (float64 scenes stay float64)
+    rgb = colors(means[keep], gaussians.f_dc[front][keep], gaussians.f_rest[front][keep], center, degree)
     return Splats(
         ids=front[keep],
         means2d=means2d[keep],

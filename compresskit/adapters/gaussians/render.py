@@ -18,7 +18,7 @@ import torch
 
 from compresskit.adapters.gaussians.camera import Camera, orbit_cameras
 from compresskit.adapters.gaussians.project import project, sh_degree_of
-from compresskit.adapters.gaussians.raster import DEFAULT_MAX_ELEMENTS, rasterize
+from compresskit.adapters.gaussians.raster import DEFAULT_MAX_ELEMENTS, TILE, rasterize
 from compresskit.errors import CompressKitError
 
 __all__ = ["Camera", "RenderResult", "orbit_cameras", "render", "render_views"]
@@ -85,12 +85,14 @@ def render(
     background: torch.Tensor | Sequence[float] | None = None,
     sh_degree: int | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    tile_size: int = TILE,
 ) -> RenderResult:
     """Render ``gaussians`` seen by ``camera``; differentiable w.r.t. every attribute.
 
     background: RGB ``[3]`` in [0, 1] behind the scene, black by default. sh_degree: SH degree to evaluate
-    (default: all the scene stores). max_elements: CPU path only, the largest per-chunk ``[tiles, K, 256]``
-    tensor (memory versus speed; the image does not depend on it).
+    (default: all the scene stores). CPU path only, neither changes the image: max_elements, the largest
+    per-chunk ``[tiles, pixels, K]`` tensor (memory versus speed); tile_size, the tile side in pixels (16 as
+    3DGS; 8 is ~1.2-1.7x faster on CPU, see ``docs/BENCHMARKS.md``).
     """
     _check(gaussians)
     means = gaussians.means
@@ -104,16 +106,25 @@ def render(
     if _use_gsplat(gaussians):
         return _render_gsplat(gaussians, camera, bg, degree)
     splats = project(gaussians, camera, degree)
-    image, alpha = rasterize(splats, camera.width, camera.height, bg, max_elements)
+    if tile_size < 1:
+        raise CompressKitError(f"tile_size must be a positive number of pixels, got {tile_size}")
+    image, alpha = rasterize(splats, camera.width, camera.height, bg, max_elements, tile_size)
     return RenderResult(image=image, alpha=alpha)
 
 
 @torch.no_grad()
-def render_views(gaussians, cameras: Sequence[Camera], background=None, sh_degree: int | None = None) -> torch.Tensor:
+def render_views(
+    gaussians,
+    cameras: Sequence[Camera],
+    background=None,
+    sh_degree: int | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    tile_size: int = TILE,
+) -> torch.Tensor:
     """Render every camera without gradients: ``[V, 3, H, W]`` (all cameras must share one image size)."""
     if not cameras:
         raise CompressKitError("render_views needs at least one camera")
     sizes = {(c.width, c.height) for c in cameras}
     if len(sizes) > 1:
         raise CompressKitError(f"render_views needs cameras of one image size, got {sorted(sizes)}")
-    return torch.stack([render(gaussians, c, background, sh_degree).image for c in cameras])
+    return torch.stack([render(gaussians, c, background, sh_degree, max_elements, tile_size).image for c in cameras])
