@@ -32,6 +32,10 @@ The view-space gradient is 3DGS's: the gradient of the loss with respect to each
 half-size of its alpha >= 1/255 box. Simplified against 3DGS: one opacity reset instead of one every 3000
 iterations, a screen-size prune relative to the image width, and no exposure or background tricks.
 
+Defaults (96 x 96 images, 64 training views, 12 000 iterations, at most 15 000 Gaussians): measured on the
+project's shared 2-core machine (load 3-4), ``--threads 1``: 1168 s (19.5 min), 14 994 Gaussians (the cap is
+reached by iteration ~3000), 3.7 MB ``.ply``, held-out PSNR 37.71 dB, SSIM 0.9943 (``ref_scene.json``).
+
 Resumable: with ``--checkpoint PATH`` everything (the Gaussians, however many there are, Adam's moments, the
 densification statistics, the split generator, the step and the seconds spent) is written every
 ``--checkpoint-every`` iterations and at the end (``torch.save`` to ``PATH.tmp``, then ``os.replace``);
