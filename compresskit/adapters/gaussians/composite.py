@@ -58,7 +58,7 @@ class _Composite(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_color, g_trans):
         coefs, opacities, rgb, feats_t = ctx.saved_tensors
-        t, p, k = coefs.shape[0], feats_t.shape[0], coefs.shape[1]
+        t, p = coefs.shape[0], feats_t.shape[0]
         if g_color is None:
             g_color = rgb.new_zeros(t, p, 3)
         if g_trans is None:
