@@ -48,7 +48,7 @@ def test_quantize_save_reload_eval_info(tmp_path):
     "argv, message",
     [
         (["quantize", "--method", "zip"], "unknown method 'zip'"),
-        (["quantize", "--method", "rtn", "--bits", "12"], "bits must be an integer from 1 to 8"),
+        (["quantize", "--method", "rtn", "--bits", "17"], "bits must be an integer from 1 to 16"),
         (["quantize", "--model", "/no/such/model"], "not found"),
         (["quantize", "--model", "llama2-7b"], "huggingface-cli download"),
         (["quantize", "--preset", "sometimes"], "unknown calibration preset 'sometimes'"),
