@@ -44,10 +44,10 @@ class RTN(Quantizer):
 
     @property
     def _scale_bits(self) -> int:
-        return SCALE_BITS if self.bits <= 8 else 32
+        return torch.finfo(self.stored_float_dtype()).bits
 
     def stored_float_dtype(self) -> torch.dtype:
-        return torch.float16 if self._scale_bits == SCALE_BITS else torch.float32
+        return torch.float16 if self.bits <= 8 else torch.float32
 
     def _group(self, cols: int) -> int:
         return cols if self.group_size is None else min(self.group_size, cols)
@@ -76,7 +76,7 @@ class RTN(Quantizer):
 
     def _fit(self, W: torch.Tensor) -> None:
         Wg = self._grouped(W)
-        dtype = torch.float16 if self.bits <= 8 else torch.float32
+        dtype = self.stored_float_dtype()
         levels = 2**self.bits - 1
         if self.symmetric:
             scale = 2 * Wg.abs().amax(-1) / levels

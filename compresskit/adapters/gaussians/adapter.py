@@ -29,7 +29,7 @@ from compresskit.adapters.base import Adapter, DataSpec, EvalSpec, LoadedModel, 
 from compresskit.adapters.gaussians.camera import Camera
 from compresskit.adapters.gaussians.image_metrics import psnr, render_loss, ssim
 from compresskit.adapters.gaussians.ply import ATTRIBUTES, write_ply
-from compresskit.adapters.gaussians.render import render
+from compresskit.adapters.gaussians.render import render, render_views
 from compresskit.adapters.gaussians.scene import GaussianScene
 from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
 from compresskit.errors import CompressKitError
@@ -138,10 +138,7 @@ class GaussianSplatAdapter(Adapter):
         views: Views = loaded.extras["views"]
         cams = [fit_camera(c, size) for c in views.evaluation]
         original = loaded.extras["original"]
-        reference = _reference_scene(original)
-        with torch.no_grad():
-            mine = torch.stack([render(loaded.model.gaussians, c).image.clamp(0, 1) for c in cams])
-            theirs = torch.stack([render(reference, c).image.clamp(0, 1) for c in cams])
+        theirs, mine = self.render_pair(loaded, len(cams), size)
         out: dict[str, float | str] = {
             "psnr": float(psnr(mine, theirs).clamp(max=PSNR_CAP_DB).mean()),
             "ssim": float(ssim(mine, theirs).mean()),
@@ -187,21 +184,19 @@ class GaussianSplatAdapter(Adapter):
 
     def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        write_ply(directory / "point_cloud.ply", _decoded(loaded.model.gaussians).to_ply())
+        write_ply(directory / "point_cloud.ply", loaded.model.gaussians.to_ply())  # to_ply reads the decoded values
 
     def decompress(self, loaded: LoadedModel, out: Path, overwrite: bool = False) -> Path:
         """Write the (decoded) scene as a standard 3DGS ``.ply`` at ``out``."""
         if out.suffix.lower() != ".ply":
             raise CompressKitError(f"--out {out}: a 3DGS scene is written as a .ply file")
-        return write_ply(out, _decoded(loaded.model.gaussians).to_ply(), overwrite=overwrite)
+        return write_ply(out, loaded.model.gaussians.to_ply(), overwrite=overwrite)
 
     def render_pair(self, loaded: LoadedModel, n_views: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(uncompressed, this model)`` renders of the first ``n_views`` held-out cameras, ``[V, 3, H, W]`` in [0, 1]."""
         cams = [fit_camera(c, size) for c in loaded.extras["views"].evaluation[:n_views]]
         reference = _reference_scene(loaded.extras["original"])
-        with torch.no_grad():
-            return (torch.stack([render(reference, c).image.clamp(0, 1) for c in cams]),
-                    torch.stack([render(loaded.model.gaussians, c).image.clamp(0, 1) for c in cams]))
+        return render_views(reference, cams).clamp(0, 1), render_views(loaded.model.gaussians, cams).clamp(0, 1)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -216,12 +211,6 @@ def _reference_scene(original: dict) -> GaussianScene:
     if not path.is_file():
         raise CompressKitError(f"the uncompressed scene {path} is not there to compare with; evaluate where it is")
     return GaussianScene.load(path)
-
-
-def _decoded(scene: GaussianScene) -> GaussianScene:
-    """A plain scene of the decoded attribute values (parametrizations evaluated)."""
-    with torch.no_grad():
-        return GaussianScene(*(getattr(scene, a).detach().clone() for a in ATTRIBUTES))
 
 
 def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
