@@ -36,6 +36,17 @@ from compresskit.targets import Target
 
 
 @dataclass
+class ChainState:
+    """Where a chained walk stands between blocks: the next block's index and its calls on the
+    compressed model's stream (``calls``) and the original model's (``fp_calls``, the same list
+    without asymmetric targets)."""
+
+    next_block: int
+    calls: list[Call]
+    fp_calls: list[Call]
+
+
+@dataclass
 class _Stats:
     """What :meth:`Walk._statistics` measured on one block."""
 
@@ -68,12 +79,11 @@ class Walk:
     def run(self, model: nn.Module, targets: list[Target], plan, compress_plain, report, progress=None) -> list:
         """Compress every target that ``plan(target)`` gives a quantizer for (None keeps it dense);
         ``compress_plain(target)`` fits one from its weight alone, ``report(...)`` describes one."""
-        self._compress_plain, self._report = compress_plain, report
+        self.begin(plan, compress_plain, report, progress, total=len(targets))
         with ActivationStore(self.config.offload_dir) as self.store:
-            return self._walk(model, targets, plan, progress)
+            return self._walk(model, targets)
 
-    def _walk(self, model: nn.Module, targets: list[Target], plan, progress) -> list:
-        self._plan, self._progress, self._done, self._total, self._last = plan, progress, 0, len(targets), ""
+    def _walk(self, model: nn.Module, targets: list[Target]) -> list:
         reports: list = []
         with_inputs = [t for t in targets if t.layout.inputs != "none"]
         plain = [t for t in targets if t.layout.inputs == "none"]
@@ -94,29 +104,47 @@ class Walk:
     # ---- the three shapes ---------------------------------------------------------------------
     def _walk_chained(self, model: nn.Module, by_block: dict[str, list[Target]]) -> list:
         reports = []
-        self.asymmetric = asym = self.config.asymmetric
+        state = self.chain_start(model)
+        for block_name in self.blocks:
+            reports += self.chain_step(model, state, by_block[block_name])
+        return reports
+
+    # ---- the chained walk, one block at a time (streaming compression drives these) ------------
+    def begin(self, plan, compress_plain, report, progress=None, total: int = 0, done: int = 0) -> None:
+        """Set what a walk calls (see :meth:`run`) without running one; :meth:`run` does this itself.
+        ``total`` / ``done``: targets in all and already compressed, for ``progress``."""
+        self._compress_plain, self._report = compress_plain, report
+        self._plan, self._progress, self._done, self._total, self._last = plan, progress, done, total, ""
+
+    def chain_start(self, model: nn.Module) -> "ChainState":
+        """Capture the first block's inputs on every calibration batch (the blocks before it unused)."""
+        self.asymmetric = self.config.asymmetric
         calls = self._capture(model, [self.blocks[0]], tag="x")[0]
-        fp_calls = calls  # with asym: the uncompressed model's inputs of the current block
-        for i, block_name in enumerate(self.blocks):
-            names = by_block[block_name]
-            block = model.get_submodule(block_name)
-            fp_tag = f"f{(i + 1) % 2}_"
-            fp_outs, teacher = None, None
-            if names:
-                # with sequential, later stages see this block's compressed layers, so the original
-                # model's stream runs on a copy of the block kept aside
-                original = (copy.deepcopy(block) if self.config.sequential else block, fp_calls) if asym else None
-                r, fp_outs, teacher = self._compress_block(model, block, block_name, names, calls, original, fp_tag)
-                reports += r
-            if asym and fp_outs is None:  # nothing compressed here: the block is still the original
-                fp_outs = self._outputs(block, fp_calls, tag=fp_tag)
-            outs = self._outputs(block, calls, tag=f"x{(i + 1) % 2}_")
-            reference = fp_outs if asym else teacher
-            if names and reference is not None:
-                self._record_error(block_name, outs, reference)
-            calls = [c.with_input(out) for c, out in zip(calls, outs)]
-            if asym:
-                fp_calls = [c.with_input(out) for c, out in zip(fp_calls, fp_outs)]
+        return ChainState(0, calls, calls)  # with asym, the original model's stream starts as the same calls
+
+    def chain_step(self, model: nn.Module, state: "ChainState", targets: list[Target]) -> list:
+        """Compress block ``state.next_block``'s ``targets`` and move ``state`` to the next block's
+        inputs (its compressed outputs, and the original model's beside them with asymmetric targets)."""
+        i = state.next_block
+        block_name, asym = self.blocks[i], self.asymmetric
+        block = model.get_submodule(block_name)
+        calls, fp_calls = state.calls, state.fp_calls
+        fp_tag = f"f{(i + 1) % 2}_"
+        reports, fp_outs, teacher = [], None, None
+        if targets:
+            # with sequential, later stages see this block's compressed layers, so the original
+            # model's stream runs on a copy of the block kept aside
+            original = (copy.deepcopy(block) if self.config.sequential else block, fp_calls) if asym else None
+            reports, fp_outs, teacher = self._compress_block(model, block, block_name, targets, calls, original, fp_tag)
+        if asym and fp_outs is None:  # nothing compressed here: the block is still the original
+            fp_outs = self._outputs(block, fp_calls, tag=fp_tag)
+        outs = self._outputs(block, calls, tag=f"x{(i + 1) % 2}_")
+        reference = fp_outs if asym else teacher
+        if targets and reference is not None:
+            self._record_error(block_name, outs, reference)
+        state.calls = [c.with_input(out) for c, out in zip(calls, outs)]
+        state.fp_calls = [c.with_input(out) for c, out in zip(fp_calls, fp_outs)] if asym else state.calls
+        state.next_block = i + 1
         return reports
 
     def _walk_unchained(self, model: nn.Module, by_block: dict[str, list[Target]]) -> list:
