@@ -7,7 +7,9 @@
                            parameters, bits and errors, totals
       model.safetensors    every tensor: compressed-tensor state as ``<target>.<state>`` (codes
                            bit-packed) and the dense rest of the model in its dense dtype (float16
-                           by default; tied tensors once)
+                           by default; tied tensors once). A streamed run (``compresskit.stream``)
+                           writes one file per block instead, ``blocks/<block>.safetensors``, and
+                           ``model.safetensors`` holds the rest; the manifest lists the files
       architecture/        what the adapter needs to rebuild an empty model (config, tokenizer)
 
 No pickle anywhere: tensors are safetensors, metadata is JSON, and the model is rebuilt from its
@@ -36,9 +38,10 @@ from compresskit.report import CompressionReport, unique_dense_tensors
 from compresskit.targets import Layout
 
 # 2: each compressed target records its owner module, attribute and layout (bare tensors, stored-
-# transposed weights) and the other owners of a tied tensor; version 1 directories still load
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# transposed weights) and the other owners of a tied tensor; 3: the manifest lists the tensor files
+# (``tensor_files``: one, or one per block when compressed streaming); versions 1 and 2 still load
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 ARCHITECTURE = "architecture"
@@ -84,17 +87,38 @@ def save(
     ``export_dense(dir)``, if given, writes an ordinary dequantized checkpoint under ``dense/``
     (call it with the model still compressed: it must dequantize a copy, see ``nn.densify``).
     """
-    from compresskit import __version__
+    tensors, layers, tied = model_state(model, report)
+    manifest = build_manifest(source, layers, tied, report, [TENSORS])
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / TENSORS))
+        write_manifest(tmp, manifest)
+        if save_architecture is not None:
+            (tmp / ARCHITECTURE).mkdir()
+            save_architecture(tmp / ARCHITECTURE)
+        if export_dense is not None:
+            (tmp / DENSE_EXPORT).mkdir()
+            export_dense(tmp / DENSE_EXPORT)
+    return Path(out_dir)
 
+
+def model_state(model: nn.Module, report: CompressionReport, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """What :func:`save` writes of ``model``: ``(tensors, layers, tied)`` — every tensor by key
+    (compressed state as ``<target>.<state>``, the dense rest in the report's dense dtype), each
+    compressed target's manifest entry, and tied dense names with the name stored in their place.
+
+    ``prefix``: ``model`` is the submodule of that name (e.g. ``"model.layers.3."``) of a larger model,
+    and every key and owner gets it (streaming compression writes a block at a time this way).
+    """
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     by_name = {r.name: r for r in report.layers}
     for name, (owner, attr, qt) in quantized_tensors(model).items():
+        name, owner = prefix + name, prefix + owner
         quantizer = qt.bind()
         for key, tensor in quantizer.state_tensors().items():
             tensors[f"{name}.{key}"] = tensor.detach().to("cpu", tensor.dtype if not tensor.is_floating_point() else quantizer.stored_float_dtype()).contiguous()
         layer = by_name.get(name)
-        also = [f"{o}:{a}" for o, a in owners_of(model, qt) if (o, a) != (owner, attr)]
+        also = [f"{prefix}{o}:{a}" for o, a in owners_of(model, qt) if (prefix + o, a) != (owner, attr)]
         layers[name] = {
             "quantizer": quantizer.state_meta(),
             "owner": owner,
@@ -113,29 +137,31 @@ def save(
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name in dense:
             t = tensor.detach().to("cpu")
-            tensors[name] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous()
+            tensors[prefix + name] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous()
         else:
             twin = by_ptr.get((tensor.data_ptr(), tensor.numel()))
             if twin is not None and twin != name:
-                tied[name] = twin
-    manifest = {
+                tied[prefix + name] = prefix + twin
+    return tensors, layers, tied
+
+
+def build_manifest(source: dict[str, Any], layers: dict[str, Any], tied: dict[str, str], report: CompressionReport, tensor_files: list[str]) -> dict[str, Any]:
+    """The manifest of a directory whose tensors are in ``tensor_files`` (paths relative to it)."""
+    from compresskit import __version__
+
+    return {
         "format_version": FORMAT_VERSION,
         "compresskit_version": __version__,
         "source": source,
+        "tensor_files": list(tensor_files),
         "layers": layers,
         "tied": tied,
         "totals": {k: v for k, v in report.to_dict().items() if k != "layers"},
     }
-    with atomic_directory(out_dir, overwrite) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-        if save_architecture is not None:
-            (tmp / ARCHITECTURE).mkdir()
-            save_architecture(tmp / ARCHITECTURE)
-        if export_dense is not None:
-            (tmp / DENSE_EXPORT).mkdir()
-            export_dense(tmp / DENSE_EXPORT)
-    return Path(out_dir)
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -160,10 +186,12 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     """Fill ``model`` (an uncompressed skeleton of the same architecture) from a saved directory."""
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        tensors = load_file(str(path / TENSORS))
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise CompressKitError(f"{path / TENSORS} is unreadable: {err}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for file in manifest.get("tensor_files", [TENSORS]):
+        try:
+            tensors.update(load_file(str(path / file)))
+        except Exception as err:  # safetensors raises several types for a damaged or missing file
+            raise CompressKitError(f"{path / file} is unreadable: {err}") from None
     modules = dict(model.named_modules())
     for name, layer in manifest["layers"].items():
         meta = layer["quantizer"]

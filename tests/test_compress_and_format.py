@@ -80,7 +80,7 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path):
     compresskit.save(model, report, out, source={"model": "net"})
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, TENSORS]
     manifest = read_manifest(out)
-    assert manifest["format_version"] == 2 and manifest["tied"] == {"head.weight": "emb.weight"}
+    assert manifest["format_version"] == 3 and manifest["tensor_files"] == [TENSORS] and manifest["tied"] == {"head.weight": "emb.weight"}
     assert set(manifest["layers"]) == {"conv", "fc1", "fc2"}
     loaded = compresskit.load(out, model=make(seed=5))
     ids, img = inputs()
