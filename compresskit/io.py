@@ -101,13 +101,14 @@ def save(
     return Path(out_dir)
 
 
-def model_state(model: nn.Module, report: CompressionReport, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+def model_state(model: nn.Module, report: CompressionReport, prefix: str = "", exclude: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
     """What :func:`save` writes of ``model``: ``(tensors, layers, tied)`` — every tensor by key
     (compressed state as ``<target>.<state>``, the dense rest in the report's dense dtype), each
     compressed target's manifest entry, and tied dense names with the name stored in their place.
 
     ``prefix``: ``model`` is the submodule of that name (e.g. ``"model.layers.3."``) of a larger model,
-    and every key and owner gets it (streaming compression writes a block at a time this way).
+    and every key and owner gets it (streaming compression writes a block at a time this way);
+    ``exclude``: submodules left out (the blocks, when it writes the rest).
     """
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
@@ -132,9 +133,12 @@ def model_state(model: nn.Module, report: CompressionReport, prefix: str = "") -
         }
     tied: dict[str, str] = {}
     dense_dtype = getattr(torch, report.dense_dtype)
-    dense = unique_dense_tensors(model)
+    dense = unique_dense_tensors(model, exclude)
     by_ptr = {(t.data_ptr(), t.numel()): n for n, t in dense.items()}
+    outside = tuple(f"{name}." for name in exclude)
     for name, tensor in model.state_dict(keep_vars=True).items():
+        if outside and name.startswith(outside):
+            continue
         if name in dense:
             t = tensor.detach().to("cpu")
             tensors[prefix + name] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous()

@@ -79,16 +79,17 @@ class CompressionReport:
         }
 
 
-def unique_dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_dense_tensors(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Persistent tensors of ``model`` that are not compressed-tensor state, tied ones listed once.
 
     Compressed layers contribute only their other tensors (biases) here; their codes, pool,
     codebooks and scales are accounted by the quantizer's own size report, and the empty
     placeholder parametrize keeps in a compressed tensor's place is no tensor of the model.
+    ``exclude``: submodule names whose tensors are left out (a streamed run's blocks, on meta).
     """
     from compresskit.nn import quantized_prefixes
 
-    skip = tuple(quantized_prefixes(model))
+    skip = tuple(quantized_prefixes(model)) + tuple(f"{name}." for name in exclude)
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -102,10 +103,10 @@ def unique_dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def dense_size(model: nn.Module, float_bits: int = BASELINE_BITS) -> SizeReport:
-    """Size of everything not compressed: floats at ``float_bits``, ints at their own width."""
+def dense_size(model: nn.Module, float_bits: int = BASELINE_BITS, exclude: tuple[str, ...] = ()) -> SizeReport:
+    """Size of everything not compressed (outside ``exclude``): floats at ``float_bits``, ints at their own width."""
     n, bits = 0, 0
-    for tensor in unique_dense_tensors(model).values():
+    for tensor in unique_dense_tensors(model, exclude).values():
         n += tensor.numel()
         bits += tensor.numel() * (float_bits if tensor.is_floating_point() else tensor.element_size() * 8)
     return SizeReport(n, {"dense": bits})

@@ -203,6 +203,13 @@ class Adapter(ABC):
         """The names of the classes :meth:`sample` takes, label ``i``'s at index ``i``."""
         raise CompressKitError(f"the {self.name!r} adapter has no classes to sample")
 
+    # ---- optional: streaming (``compresskit quantize --stream``) -----------------------------
+    def load_empty(self, spec: str | None) -> "tuple[LoadedModel, Any]":
+        """``(LoadedModel, weights)``: the model with its parameters on the meta device (no memory;
+        buffers real) and a :class:`~compresskit.stream.ShardedWeights` over its checkpoint, so
+        :func:`compresskit.stream.compress_streaming` reads one block at a time."""
+        raise CompressKitError(f"the {self.name!r} adapter cannot stream a model block by block; drop --stream / --resume")
+
     # ---- optional: persistence ----------------------------------------------------------------
     def save_architecture(self, loaded: LoadedModel, directory: Path) -> None:
         """Write what :meth:`load_architecture` needs to rebuild an empty model (config, tokenizer)."""

@@ -120,6 +120,8 @@ def quantize(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate before and after compressing."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation data source (default: the family's own)."),
     option: Optional[list[str]] = typer.Option(None, help="Family data option NAME=VALUE for calibration or evaluation, e.g. seq_len=512 (repeatable)."),
+    stream: bool = typer.Option(False, "--stream", help="Block by block from the checkpoint's safetensors files, never the whole model in memory (no evaluation; see docs/streaming.md)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished --stream run writing --out from its last finished block (implies --stream)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Compress a model, evaluate it before and after, save it, and print the report."""
@@ -130,6 +132,7 @@ def quantize(
         exclude=tuple(exclude or ()), overrides=tuple(override or ()), embeddings=embeddings, out=out, overwrite=overwrite,
         export=export, preset=preset, calib_set=_params(calib_set, "--calib-set"), calib_data=calib_data,
         calib_samples=calib_samples, evaluate=evaluate, eval_data=eval_data, options=_params(option, "--option"),
+        stream=stream, resume=resume,
     )
     result = run_quantize(request, quiet=as_json)
     output.print_json(result) if as_json else output.quantize_summary(result)

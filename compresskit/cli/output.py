@@ -87,6 +87,11 @@ def quantize_summary(result: dict[str, Any]) -> None:
             t.add_row(key.replace("_", " "), f"{result[key]:.1f}")
     if result.get("out"):
         t.add_row("saved to", result["out"])
+    streamed = result.get("streamed")
+    if streamed:
+        if streamed.get("resumed_from_block") is not None:
+            t.add_row("resumed from block", str(streamed["resumed_from_block"]))
+        t.add_row("evaluation", streamed["evaluation"])
     console.print(t)
     _notes("adapted to their shape", rep.get("notes", {}))
     reasons: dict[str, list[str]] = {}

@@ -37,6 +37,8 @@ class QuantizeRequest:
     evaluate: bool = True
     eval_data: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False  # block by block from the checkpoint's files, never the whole model in memory
+    resume: bool = False  # continue the unfinished streamed run writing ``out`` (implies ``stream``)
 
 
 @contextmanager
@@ -124,6 +126,10 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     from compresskit import io
     from compresskit.compress import compress
 
+    if req.stream or req.resume:
+        from compresskit.cli.streamed import run_streamed
+
+        return run_streamed(req, quiet)
     start = time.perf_counter()
     adapter = pick_adapter(req.model, req.adapter)
     config, calibration, eval_spec = build_configs(req, adapter)

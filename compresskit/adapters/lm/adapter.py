@@ -121,6 +121,28 @@ class CausalLMAdapter(Adapter):
             extras={"tokenizer": _load_tokenizer(found.directory, **kwargs)},
         )
 
+    def load_empty(self, spec: str | None) -> tuple[LoadedModel, Any]:
+        """The model built from its ``config.json`` with parameters on the meta device, its tokenizer,
+        and its safetensors checkpoint to read blocks from (streaming; a GGUF file cannot stream)."""
+        from compresskit.stream.weights import ShardedWeights, empty_parameters
+
+        transformers = _transformers()
+        source = _resolve.DEFAULT_SPEC if spec is None else str(spec)
+        found = _resolve.resolve(source)
+        if found.gguf_file is not None:
+            raise CompressKitError(f"{source!r} is a GGUF file; streaming reads safetensors checkpoints: drop --stream / --resume to load it whole")
+        weights = ShardedWeights(found.directory)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(found.directory), local_files_only=True)
+            with empty_parameters():
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as err:
+            raise CompressKitError(f"could not build model {source!r} from {str(found.directory)!r}: {err}") from err
+        return LoadedModel(
+            model=model.eval(), source=source, resolved=str(found.directory), revision=found.revision,
+            extras={"tokenizer": _load_tokenizer(found.directory)},
+        ), weights
+
     # ---- structure --------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> list[str] | None:
         """The decoder blocks: the longest ``nn.ModuleList`` under the base model (``model.layers``,
