@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import ctypes
 import gc
 import os
 import shutil
@@ -54,12 +55,14 @@ OnBlock = Callable[[int, str, float], None]
 @dataclass
 class StreamResult:
     """What a streamed run did: its report, where it wrote, the seconds each block took (this run's
-    blocks only, by name) and the block it resumed from (None: it started afresh)."""
+    blocks only, by name) and the block it resumed from (None: it started afresh). A run stopped
+    by ``max_blocks`` has no report yet and ``out`` is its unfinished folder (``finished`` False)."""
 
-    report: CompressionReport
+    report: CompressionReport | None
     out: Path
     block_seconds: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
+    finished: bool = True
 
 
 def compress_streaming(
@@ -73,12 +76,14 @@ def compress_streaming(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_block: OnBlock | None = None,
+    max_blocks: int | None = None,
 ) -> StreamResult:
     """Compress the model ``spec`` (as ``adapter.load_empty`` reads it) block by block into ``out``.
 
     ``calibration``: as for :func:`compresskit.compress` (None: from the weights alone). ``resume``:
     continue the unfinished run writing ``out`` (its settings must be the same); without it an
     unfinished run is an error, and ``overwrite`` starts over (also replacing a finished ``out``).
+    ``max_blocks``: stop (resumably) after compressing that many blocks in this call.
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -168,9 +173,10 @@ def compress_streaming(
                 calibrator.walk.asymmetric = calibrator.config.asymmetric  # what chain_start sets
             torch.set_rng_state(torch.tensor(list(base64.b64decode(record["rng"])), dtype=torch.uint8))
         release_tensors(model, skip=tuple(blocks))
-        gc.collect()
+        _free_memory()
 
-        for i in range(record["blocks_done"], len(blocks)):
+        stop = len(blocks) if max_blocks is None else min(len(blocks), record["blocks_done"] + max_blocks)
+        for i in range(record["blocks_done"], stop):
             start = time.perf_counter()
             name = blocks[i]
             template = copy.deepcopy(model.get_submodule(name))  # meta: costs nothing
@@ -202,9 +208,11 @@ def compress_streaming(
             shutil.rmtree(folder / f"carry-{i}", ignore_errors=True)
             release(model, name, template)
             del block, reports, tensors
-            gc.collect()
+            _free_memory()
             if on_block is not None:
                 on_block(i, name, timings[name])
+    if record["blocks_done"] < len(blocks):
+        return StreamResult(None, folder, timings, resumed_from, finished=False)
     if progress is not None:
         progress("", total, total)
 
@@ -226,6 +234,16 @@ def compress_streaming(
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     _move_into_place(folder, out)
     return StreamResult(report, out, timings, resumed_from)
+
+
+def _free_memory() -> None:
+    """Collect what the last block left and hand freed heap pages back to the system (glibc's
+    ``malloc_trim``), so the next block's peak is not stacked on the last one's leftover arenas."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed memory is reused all the same
+        pass
 
 
 def _compress_tied(targets: list, compress_plain) -> list:
