@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "blocks_run": len(rows), "blocks_total": n_blocks, "finished": result.finished, "resumed_from": result.resumed_from,
         "seconds": round(seconds, 1), "median_block_seconds": times[len(times) // 2] if times else math.nan,
         "rss_before_gib": round(baseline / GIB, 3), "peak_rss_gib": round(peak / GIB, 3),
-        "fp32_block_gib": round(per_block / GIB, 3), "fp32_model_gib": round(whole / GIB, 3),
+        "fp32_block_bytes": per_block, "fp32_block_gib": round(per_block / GIB, 3), "fp32_model_gib": round(whole / GIB, 3),
         "bound_gib": round(bound / GIB, 3), "within_bound": peak <= bound, "blocks": rows,
     }
     if args.json:
