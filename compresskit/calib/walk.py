@@ -173,12 +173,15 @@ class Walk:
         """Compress a block's targets stage by stage; returns (reports, original outputs, teacher)."""
         reports = []
         by_name = {t.name: t for t in targets}
-        stats = self._statistics(block, block_name, targets, calls, original, fp_tag)
+        # sequential: only the first stage's statistics are used from the first pass (later stages
+        # are measured again once the earlier ones are compressed), so the stages are found first
+        # and the first pass holds one stage's X^T X, not the whole block's
+        stages = self._stages(block, block_name, targets, calls) if self.config.sequential else [[t.name for t in targets]]
+        stats = self._statistics(block, block_name, [by_name[n] for n in stages[0]], calls, original, fp_tag)
         fp_outs = stats.fp_outputs
         teacher = None
         if self.config.m_objective == "block":
             teacher = fp_outs if original is not None else self._outputs(block, calls, tag="teacher")
-        stages = stats.stages if self.config.sequential else [[t.name for t in targets]]
         for k, stage in enumerate(stages):
             if k:  # the earlier stages are compressed now: measure this one's inputs again
                 stats = self._statistics(block, block_name, [by_name[n] for n in stage], calls, original, None)
@@ -190,6 +193,30 @@ class Walk:
             else:
                 self.block_losses[block_name] = self.block_objective.train(block, calls, teacher, self.store)
         return reports, fp_outs, teacher
+
+    def _stages(self, block: nn.Module, block_name: str, targets: list[Target], calls: list[Call]) -> list[list[str]]:
+        """``targets`` grouped into stages (layers reading the same input tensor, in execution order),
+        from one forward pass on the first calibration call."""
+        first_inputs: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            return lambda mod, args: first_inputs.setdefault(name, args[0])
+
+        handles = [block.get_submodule(t.owner[len(block_name) + 1 :]).register_forward_pre_hook(hook(t.name)) for t in targets]
+        try:
+            with torch.no_grad():
+                run_call(block, calls[0], self.store)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [t.name for t in targets if t.name not in first_inputs]
+        if missing:
+            raise CompressKitError(f"calibration: layer {missing[0]} did not run in its block's forward pass")
+        stages: list[list[str]] = []
+        for name, x in first_inputs.items():
+            stage = next((s for s in stages if first_inputs[s[0]] is x), None)
+            stage.append(name) if stage is not None else stages.append([name])
+        return stages
 
     def _compress_target(self, model: nn.Module, target: Target, stats: _Stats):
         """Fit ``target``'s quantizer with its statistics (towards its asymmetric target when ``stats``
