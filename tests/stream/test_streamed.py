@@ -22,6 +22,7 @@ from compresskit.stream import compress_streaming
 from compresskit.stream.checkpoint import load_carry, partial_dir, save_carry
 
 CALIB = CalibrationConfig(n_samples=4, batch_size=2, options={"seq_len": 32})
+ZERO_DATA = CalibrationConfig.preset("zero-data", n_samples=4, batch_size=2, m_steps=3, options={"seq_len": 32})  # the block M-step, soft candidates
 CLI_CALIB = ["--calib-samples", "4", "--calib-set", "batch_size=2", "--option", "seq_len=32", "--no-eval"]
 
 
@@ -42,7 +43,7 @@ def assert_same_model(a: Path, b: Path) -> None:
     assert {k: v["quantizer"] for k, v in la.items()} == {k: v["quantizer"] for k, v in lb.items()}
 
 
-@pytest.mark.parametrize("method, calibration, tied", [("pq", CALIB, False), ("gptq", CALIB, True), ("rtn", None, False)])
+@pytest.mark.parametrize("method, calibration, tied", [("pq", CALIB, False), ("gptq", CALIB, True), ("rtn", None, False), ("pq", ZERO_DATA, False)])
 def test_streamed_is_the_in_memory_result(llama_dir, tmp_path, method, calibration, tied):
     model_dir = llama_dir(tied)
     adapter = CausalLMAdapter()
