@@ -114,8 +114,11 @@ def conv_inputs(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     """``H + damp * mean(diag H) * I`` in float64: the relative damping of GPTQ, the E-step and the
     layer-wise M-step."""
-    Hd = H.double()
-    return Hd + damp * Hd.diagonal().mean().clamp(min=0) * torch.eye(H.shape[0], dtype=torch.float64)
+    Hd = H.double()  # a copy even when H is float64: the ridge goes on in place, with no [n, n] identity
+    if Hd is H:
+        Hd = H.clone()
+    Hd.diagonal().add_(damp * Hd.diagonal().mean().clamp(min=0))
+    return Hd
 
 
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -136,9 +139,17 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: f
     n = W2.shape[1]
     if H.shape != (n, n) or G.shape != (n, n):
         raise CompressKitError(f"asymmetric_target: H {tuple(H.shape)} and G {tuple(G.shape)} must be [{n}, {n}] for this weight")
-    Hd = damped(H, damp) + 1e-12 * torch.eye(n, dtype=torch.float64)
+    # float64 [n, n] temporaries one at a time (a 7B MLP's n = 11008: 970 MB each)
+    D = G.double()
+    D = D.clone() if D is G else D
+    D.sub_(H)  # G - H
+    rhs = D @ W2.T  # (G - H) W^T, [n, m]
+    del D
+    Hd = damped(H, damp)
+    Hd.diagonal().add_(1e-12)
     L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd
     if int(info):
         raise CompressKitError("asymmetric_target: the damped Hessian is not positive definite; raise damp")
-    correction = torch.cholesky_solve(((G.double() - H.double()) @ W2.T), L).T  # W (G - H)^T Hd^{-1}
+    correction = torch.cholesky_solve(rhs, L).T  # W (G - H)^T Hd^{-1}
     return (W2 + correction).float().reshape(W.shape)
