@@ -33,9 +33,10 @@ from compresskit.nn.quantized import QuantizedTensor, quantized_of
 from compresskit.quantizers.codebook import CodebookQuantizer
 
 # Inputs of at most this many rows (tokens) take the LUT path by default. The LUT costs one pass
-# over the codes per token while the dense matmul reads its cached weight once for any small batch;
-# bench/pq_linear.py measures the crossover (docs/inference.md has the figures behind this value).
-DEFAULT_THRESHOLD = 1
+# over the codes per row, while the dense matmul reads its cached weight once for any small batch:
+# bench/pq_linear.py --crossover 4 measured the LUT faster at 2 rows and even at 3 (4096 x 11008,
+# one thread; figures in docs/inference.md), so 2 leaves a margin for noisier machines.
+DEFAULT_THRESHOLD = 2
 SERVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32, returned as given
 
 
@@ -60,7 +61,7 @@ class _Plan:
     key: tuple
     cbT: np.ndarray  # [n_books, d, k] float32, centroids as reconstruction sees them
     runs: list[tuple[int, int, np.ndarray]]  # (first row, end row, books [n_sub] int32) per run of rows
-    scale: torch.Tensor | None  # [m] float32 row scales, or None
+    scale: np.ndarray | None  # [m] float32 row scales, or None
     lut: np.ndarray  # [n_sub, kp] float32 scratch
     d: int
     in_features: int
@@ -111,7 +112,7 @@ def _plan(qt: QuantizedTensor) -> _Plan | str:
     ends = [*starts[1:], m]
     runs = [(lo, hi, book[lo].to(torch.int32).numpy().copy()) for lo, hi in zip(starts, ends)]
     cbT = layout.centroids().permute(0, 2, 1).contiguous().numpy()  # [n_books, d, k]
-    scale = None if layout.row_scales is None else layout.row_scales.detach().float().clone()
+    scale = None if layout.row_scales is None else layout.row_scales.detach().float().numpy().copy()
     kp = K.BYTE_K if qt.codes.dtype == torch.uint8 else layout.k
     plan = _Plan(key, cbT, runs, scale, np.zeros((n_sub, kp), np.float32), layout.d, q.shape_[1])
     qt._lut_plan = plan
@@ -129,23 +130,20 @@ def lut_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
     if isinstance(plan, str):
         raise CompressKitError(f"lut_linear cannot serve this tensor: {plan}")
     m, n_sub = qt.codes.shape
-    rows = x.reshape(-1, x.shape[-1]).detach().to(torch.float32)
-    pad = n_sub * plan.d - rows.shape[1]
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))
-    rows = rows.contiguous().numpy()  # [T, n_sub * d]
+    flat = x.reshape(-1, x.shape[-1]).detach()
+    rows = np.zeros((flat.shape[0], n_sub * plan.d), np.float32)  # [T, n_sub * d], padded columns zero
+    rows[:, : flat.shape[1]] = flat.to(torch.float32).numpy()
     out = np.zeros((rows.shape[0], m), np.float32)
     codes = qt.codes.numpy()  # [m, n_sub], read in place
     for t in range(rows.shape[0]):
         for lo, hi, books in plan.runs:
             K.build_lut(rows[t], plan.cbT, books, plan.lut)
             _gather(plan.lut, codes[lo:hi], out[t, lo:hi])
-    y = torch.from_numpy(out)
     if plan.scale is not None:
-        y.mul_(plan.scale)
+        out *= plan.scale
     if bias is not None:
-        y.add_(bias.detach().to(torch.float32))
-    return y.reshape(*x.shape[:-1], m).to(x.dtype)
+        out += bias.detach().to(torch.float32).numpy()
+    return torch.from_numpy(out).reshape(*x.shape[:-1], m).to(x.dtype)
 
 
 def _gather(lut: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:
