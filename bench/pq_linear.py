@@ -5,7 +5,7 @@ plain PQ and VQ, each fitted on a random weight with few k-means iterations: the
 change the work the kernel does, only the time to fit. For each thread count (torch and numba set
 together) the dense anchor ``F.linear(x, W_hat)`` (float32, W_hat the same layer rebuilt) and the LUT
 forward (``layer(x)`` with ``enable_lut``, float32 and bfloat16 input) are timed in the same run:
-medians over ``--repeats`` calls after warm-up calls (the first compiles the numba kernels).
+medians over ``--repeats`` rounds, the callables timed interleaved in each round, after warm-up calls (the first compiles the numba kernels).
 ``--crossover`` also times 1..N rows against the dense matmul on its cached weight (where the
 default threshold comes from). ``--lm`` times SmolLM2-135M greedy generation, FP against PQ 2-bit
 with the LUT on.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,15 +45,19 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(n)
 
 
-def median_ms(fn, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def medians_ms(fns: dict, repeats: int, warmup: int = 5) -> dict:
+    """Median milliseconds of each callable, timed interleaved (one call of each per round), so that
+    all of them see the same share of a noisy machine."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def compressed_layer(n_in: int, n_out: int, method: str) -> tuple[nn.Linear, torch.Tensor, float]:
@@ -76,20 +81,18 @@ def bench_layers(args) -> list[dict]:
             for threads in args.threads:
                 set_threads(threads)
                 x = torch.randn(1, n_in)
+                xb = x.to(torch.bfloat16)
+                fns = {"dense_fp32_ms": lambda: F.linear(x, w_hat), "lut_float32_ms": lambda: layer(x), "lut_bfloat16_ms": lambda: layer(xb)}
+                for tokens in range(2, args.crossover + 1):
+                    xt = torch.randn(tokens, n_in)
+                    fns[f"dense_fp32_ms_{tokens}rows"] = lambda xt=xt: F.linear(xt, w_hat)
+                    fns[f"lut_fp32_ms_{tokens}rows"] = lambda xt=xt: layer(xt)
+                row = {"shape": f"{n_in}->{n_out}", "method": method, "threads": threads, "fit_s": round(fit_s, 1),
+                       "load_avg_1min": round(os.getloadavg()[0], 2)}
                 with torch.no_grad():
-                    dense = median_ms(lambda: F.linear(x, w_hat), args.repeats)
-                    row = {"shape": f"{n_in}->{n_out}", "method": method, "threads": threads, "fit_s": round(fit_s, 1),
-                           "dense_fp32_ms": round(dense, 3)}
-                    for dtype in (torch.float32, torch.bfloat16):
-                        xd = x.to(dtype)
-                        t = median_ms(lambda: layer(xd), args.repeats)
-                        tag = str(dtype).removeprefix("torch.")
-                        row[f"lut_{tag}_ms"] = round(t, 3)
-                        row[f"ratio_{tag}"] = round(dense / t, 2)
-                    for tokens in range(2, args.crossover + 1):
-                        xt = torch.randn(tokens, n_in)
-                        row[f"dense_fp32_ms_{tokens}rows"] = round(median_ms(lambda: F.linear(xt, w_hat), args.repeats), 3)
-                        row[f"lut_fp32_ms_{tokens}rows"] = round(median_ms(lambda: layer(xt), args.repeats), 3)
+                    row.update({name: round(ms, 3) for name, ms in medians_ms(fns, args.repeats).items()})
+                row["ratio_float32"] = round(row["dense_fp32_ms"] / row["lut_float32_ms"], 2)
+                row["ratio_bfloat16"] = round(row["dense_fp32_ms"] / row["lut_bfloat16_ms"], 2)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -116,19 +119,17 @@ def bench_lm(args) -> list[dict]:
     for threads in args.threads:
         set_threads(threads)
         row = {"model": "smollm2-135m", "threads": threads, "new_tokens": args.new_tokens,
-               "prompt_tokens": int(prompt["input_ids"].shape[1])}
+               "prompt_tokens": int(prompt["input_ids"].shape[1]), "load_avg_1min": round(os.getloadavg()[0], 2)}
+        generators = {}
         for name, model in (("fp32", fp.model), ("pq2_lut", comp.model)):
-            def generate():
+            def generate(model=model):
                 with torch.no_grad():
                     return model.generate(**prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                           do_sample=False, use_cache=True, pad_token_id=tok.eos_token_id)
-            generate()  # warm-up: compiles the kernels, builds the LUT plans (and the dense cache for the prompt)
-            times = []
-            for _ in range(args.lm_repeats):
-                start = time.perf_counter()
-                generate()
-                times.append(time.perf_counter() - start)
-            row[f"{name}_tokens_per_s"] = round(args.new_tokens / statistics.median(times), 1)
+            generators[name] = generate
+        # warm-up (compiles the kernels, builds the LUT plans and, for the prompt, the dense cache), interleaved rounds
+        for name, ms in medians_ms(generators, args.lm_repeats, warmup=1).items():
+            row[f"{name}_tokens_per_s"] = round(args.new_tokens / (ms / 1e3), 1)
         row["ratio"] = round(row["pq2_lut_tokens_per_s"] / row["fp32_tokens_per_s"], 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
