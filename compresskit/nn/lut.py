@@ -34,8 +34,8 @@ from compresskit.quantizers.codebook import CodebookQuantizer
 
 # Inputs of at most this many rows (tokens) take the LUT path by default. The LUT costs one pass
 # over the codes per row, while the dense matmul reads its cached weight once for any small batch:
-# bench/pq_linear.py --crossover 4 measured the LUT faster at 2 rows and even at 3 (4096 x 11008,
-# one thread; figures in docs/inference.md), so 2 leaves a margin for noisier machines.
+# bench/pq_linear.py --crossover 4 measured the LUT faster at 2 rows for both 4096 x 11008 shapes
+# and all three methods at one thread, and mixed at 3 rows (figures in docs/inference.md).
 DEFAULT_THRESHOLD = 2
 SERVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in float32, returned as given
 
