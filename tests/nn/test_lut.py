@@ -146,3 +146,21 @@ def test_codebooks_that_change_along_many_rows_are_left_alone_with_the_reason():
     layer, _ = compressed_linear(CODEBOOKS["vq-rowgroups-rowscale"], n_out=66)  # 2 runs of 256 entries, 66 rows
     report = enable_lut(layer)
     assert report.switched == [] and "2 runs of rows" in report.left_alone[""]
+
+
+def test_a_tied_head_is_served_and_its_embedding_left_alone():
+    from compresskit.nn import share_tensor
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(300, 16)
+    head = nn.Linear(16, 300, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    q = VQ(bits=2, n_iter=2).fit(emb.weight.detach())
+    qt = quantize_tensor(emb, "weight", q, Layout(inputs="none"))
+    share_tensor(head, "weight", qt)
+    report = enable_lut(model)
+    assert report.switched == ["head"] and "not an nn.Linear" in report.left_alone["emb"]
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), x.double() @ q.inverse_transform().double().T, rtol=1e-5, atol=1e-4)
