@@ -228,9 +228,10 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_compressed(path: str | Path, adapter_name: str | None = None):
+def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool = False):
     """Rebuild a saved model with its adapter (the one recorded, or ``adapter_name``): returns
-    ``(LoadedModel, adapter)``."""
+    ``(LoadedModel, adapter)``. ``lut``: serve token-by-token calls of codebook-compressed Linear
+    layers with the lookup-table kernel (:func:`compresskit.nn.lut.enable_lut`, ``docs/inference.md``)."""
     from compresskit.adapters import get_adapter
 
     path = Path(path)
@@ -241,21 +242,30 @@ def load_compressed(path: str | Path, adapter_name: str | None = None):
     adapter = get_adapter(name)()
     loaded = adapter.load_architecture(path / ARCHITECTURE)
     load_into(loaded.model, path)
+    if lut:
+        from compresskit.nn.lut import enable_lut
+
+        enable_lut(loaded.model)
     loaded.source = str(path)
     loaded.resolved = str(path)
     return loaded, adapter
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, lut: bool = False) -> nn.Module:
     """Load a compressed model directory.
 
     With ``model`` (an uncompressed skeleton of the right architecture, e.g. your own module
     freshly constructed) the saved state is loaded into it; without, the adapter recorded in the
-    manifest rebuilds the architecture from the directory.
+    manifest rebuilds the architecture from the directory. ``lut``: as for :func:`load_compressed`.
     """
     if model is not None:
-        return load_into(model, path)
-    return load_compressed(path)[0].model
+        model = load_into(model, path)
+        if lut:
+            from compresskit.nn.lut import enable_lut
+
+            enable_lut(model)
+        return model
+    return load_compressed(path, lut=lut)[0].model
 
 
 def _is_layer_state(key: str, layers: dict[str, Any]) -> bool:

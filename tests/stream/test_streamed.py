@@ -143,3 +143,15 @@ def test_a_killed_run_resumes_bit_identical(llama_dir, tmp_path, kill_at):
     assert json.loads(resumed.stdout)["streamed"]["resumed_from_block"] == kill_at // 7
     assert_same_model(out, tmp_path / "whole")
     assert not partial_dir(out).exists()
+
+
+def test_load_with_the_lut_kernel_computes_the_same_tokens(llama_dir, tmp_path):
+    compress_streaming(str(llama_dir()), tmp_path / "o", CompressConfig(method="pq", bits=2), adapter=CausalLMAdapter())
+    plain, fast = io.load(tmp_path / "o"), io.load(tmp_path / "o", lut=True)
+    served = [n for n, m in fast.named_modules() if "forward" in m.__dict__]
+    assert len(served) == 28 and not [n for n, m in plain.named_modules() if "forward" in m.__dict__]
+    ids = torch.arange(5).unsqueeze(0)
+    with torch.no_grad():
+        a = plain.generate(ids, max_new_tokens=6, do_sample=False)
+        b = fast.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
