@@ -34,7 +34,7 @@ import contextlib
 
 import torch
 
-from compresskit.calib.hessian import damped
+from compresskit.calib.hessian import ridge
 from compresskit.errors import CompressKitError
 from compresskit.quantizers.codebook import CodebookLayout, CodebookQuantizer
 from compresskit.quantizers.rowscale import normalise_rows, row_scale_of
@@ -81,10 +81,10 @@ def padded_hessians(H: torch.Tensor, n_pad: int, damp: float) -> tuple[torch.Ten
     part of the weight and stay out of both objectives.
     """
     n = H.shape[0]
-    padded = torch.zeros(n_pad, n_pad, dtype=torch.float32)
-    padded[:n, :n] = damped(H, damp).float()
     true = torch.zeros(n_pad, n_pad, dtype=torch.float32)
     true[:n, :n] = H.float()
+    padded = true.clone()  # damped(H).float(), without its [n, n] float64 copy: only the diagonal changes
+    padded.diagonal()[:n] = (H.diagonal().double() + ridge(H, damp)).float()
     return padded, true
 
 

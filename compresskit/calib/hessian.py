@@ -117,8 +117,13 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     Hd = H.double()  # a copy even when H is float64: the ridge goes on in place, with no [n, n] identity
     if Hd is H:
         Hd = H.clone()
-    Hd.diagonal().add_(damp * Hd.diagonal().mean().clamp(min=0))
+    Hd.diagonal().add_(ridge(H, damp))
     return Hd
+
+
+def ridge(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """``damp * mean(diag H)`` (float64, never negative): what :func:`damped` adds to the diagonal."""
+    return damp * H.diagonal().double().mean().clamp(min=0)
 
 
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -145,10 +150,10 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: f
     D.sub_(H)  # G - H
     rhs = D @ W2.T  # (G - H) W^T, [n, m]
     del D
-    Hd = damped(H, damp)
-    Hd.diagonal().add_(1e-12)
-    L, info = torch.linalg.cholesky_ex(Hd)
-    del Hd
+    L = damped(H, damp)
+    L.diagonal().add_(1e-12)
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(L, out=(L, info))  # in place: one [n, n] float64 fewer
     if int(info):
         raise CompressKitError("asymmetric_target: the damped Hessian is not positive definite; raise damp")
     correction = torch.cholesky_solve(rhs, L).T  # W (G - H)^T Hd^{-1}
