@@ -54,6 +54,8 @@ class Calibrator:
         self.config = config = (config or CalibrationConfig()).validated()
         if comm is not None:
             refuse_undistributed(config)
+            if not blocks:
+                raise CompressKitError("calibration layer by layer (a model without blocks) cannot run distributed yet; run it in one process (no torchrun)")
         self.comm = comm
         self.blocks = list(blocks or [])
         self.batches = list(batches)

@@ -165,6 +165,8 @@ class Walk:
         return reports
 
     def _walk_unchained(self, model: nn.Module, by_block: dict[str, list[Target]]) -> list:
+        if self.comm is not None:
+            raise CompressKitError("unchained blocks (a block's output is not the next one's input) cannot be calibrated distributed yet; run it in one process (no torchrun)")
         self.asymmetric = False
         wanted = [b for b in self.blocks if by_block[b]]
         all_calls = self._capture(model, wanted, tag="u") if wanted else []

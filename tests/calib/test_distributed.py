@@ -184,6 +184,11 @@ def test_settings_that_cannot_be_distributed_are_refused_by_name(settings, named
         Calibrator(["0"], batches, task_loss=lambda m, b: 0, config=config, distill=(None, None), comm=FakeComm())
 
 
+def test_layer_by_layer_calibration_is_refused():
+    with pytest.raises(CompressKitError, match="layer by layer"):
+        Calibrator(None, [{"x": torch.zeros(1, 4)}] * 2, comm=FakeComm())
+
+
 def test_fewer_batches_than_processes_is_refused():
     with pytest.raises(CompressKitError, match="2 processes need at least 2 calibration batches, got 1"):
         Calibrator(["0"], [{"x": torch.zeros(1, 4)}], comm=FakeComm())
