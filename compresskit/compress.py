@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from compresskit.nn import quantize_tensor, share_tensor
 from compresskit.report import CompressionReport, LayerReport, dense_size, round_dense
 from compresskit.rewrite import find_targets, select_targets
 from compresskit.targets import Target
+
+if TYPE_CHECKING:
+    from compresskit.calib.calibrator import Calibrator
 
 # (description, index, total): the target being compressed (with the latest block's output error when
 # the calibrator measures it), then each EM round's M-step with its loss
@@ -45,6 +48,7 @@ def compress(
     calibration_data: Sequence[dict[str, Any]] | None = None,
     example_inputs: tuple[tuple, dict[str, Any]] | None = None,
     progress: Progress | None = None,
+    comm=None,
 ) -> CompressionReport:
     """Compress ``model`` (a module, or the :class:`LoadedModel` an adapter returned) in place.
 
@@ -56,6 +60,9 @@ def compress(
     its measurements (``block_errors``) at hand.
     ``example_inputs``: ``(args, kwargs)`` of one forward call, to read the graph with
     ``torch.export`` (default: the adapter's); without any, targets come from the module tree.
+    ``comm``: this rank's :class:`~compresskit.distributed.Comm` in a distributed run (torchrun): the
+    work is shared between the ranks and every rank ends with the same compressed model, bit for bit
+    the one a single process makes (``docs/distributed.md``); None: one process.
     """
     loaded = model if isinstance(model, LoadedModel) else None
     module = loaded.model if loaded is not None else model
@@ -85,15 +92,19 @@ def compress(
     if isinstance(calibration, CalibrationConfig):
         from compresskit.calib.build import build_calibrator
 
-        calibrator = build_calibrator(module, loaded, adapter, calibration.validated(), calibration_data)
+        calibrator = build_calibrator(module, loaded, adapter, calibration.validated(), calibration_data, comm=comm)
     elif calibration is not None and calibrator is None:
         raise CompressKitError(f"calibration must be a CalibrationConfig (or a Calibrator), got {type(calibration).__name__}")
+    elif calibrator is not None and calibrator.comm is not comm:
+        raise CompressKitError("the Calibrator was built for another process group than compress's comm; pass the same comm= to both")
     if calibrator is not None:
         _check_settings_apply(config, calibrator.config, selected)
     tied = [t for t in selected if t.tied_to]
     untied = [t for t in selected if not t.tied_to]
     if calibrator is not None:
         reports = calibrator.run(module, untied, plan, compress_plain, layer_report, progress)
+    elif comm is not None:
+        reports = _compress_shared_weights(comm, module, untied, plan, progress, len(selected))
     else:
         reports = []
         for i, target in enumerate(untied):
@@ -107,6 +118,8 @@ def compress(
             reports.append(compress_plain(target))
     if progress is not None:
         progress("", len(selected), len(selected))
+    if comm is not None:
+        comm.barrier()  # every rank has the whole compressed model: the others may leave now
     dtype = getattr(torch, config.dense_dtype)
     round_dense(module, dtype)
     report = CompressionReport([r for r in reports if r is not None], dense_size(module, torch.finfo(dtype).bits), graph.method, graph.fallback_reason)
@@ -182,12 +195,8 @@ def _check_settings_apply(config: CompressConfig, calibration: CalibrationConfig
 def _compress_from_weight(model: nn.Module, target: Target, quantizer, by_name: dict[str, Target]) -> LayerReport:
     """Fit ``quantizer`` on the target's weight alone and put it in place (on every holder of a tied tensor)."""
     start = time.perf_counter()
+    W = _fit_weight(model, target, quantizer)
     owner = model.get_submodule(target.owner)
-    W = target.layout.to_rows(getattr(owner, target.attr)).detach()
-    try:
-        quantizer.fit(W)
-    except CompressKitError as err:
-        raise CompressKitError(f"layer {target.name!r}: {err}") from None
     holders = [by_name[n] for n in target.tied_to if n in by_name]
     qt = quantize_tensor(owner, target.attr, quantizer, target.layout)
     for other in holders:
@@ -198,6 +207,36 @@ def _compress_from_weight(model: nn.Module, target: Target, quantizer, by_name: 
     if holders:
         report.extra["shared_with"] = [o.name for o in holders]
     return report
+
+
+def _fit_weight(model: nn.Module, target: Target, quantizer) -> torch.Tensor:
+    """Fit ``quantizer`` on the target's weight alone; returns that weight (as rows)."""
+    W = target.layout.to_rows(getattr(model.get_submodule(target.owner), target.attr)).detach()
+    try:
+        quantizer.fit(W)
+    except CompressKitError as err:
+        raise CompressKitError(f"layer {target.name!r}: {err}") from None
+    return W
+
+
+def _compress_shared_weights(comm, model: nn.Module, targets: list[Target], plan, progress, total: int) -> list:
+    """Weights only, distributed: each rank fits the targets it owns, every rank puts all in place."""
+    from compresskit.calib.sharded import SharedFits
+
+    def fit(target: Target, quantizer) -> LayerReport:
+        start = time.perf_counter()
+        W = _fit_weight(model, target, quantizer)
+        return layer_report(target, quantizer, W, time.perf_counter() - start)
+
+    shared, reports = SharedFits(comm), []
+    for i, target in enumerate(targets):
+        if progress is not None:
+            progress(target.name, i, total)
+        quantizer, report = shared.take(target, targets, plan, fit)
+        if quantizer is not None:
+            quantize_tensor(model.get_submodule(target.owner), target.attr, quantizer, target.layout)
+        reports.append(report)
+    return reports
 
 
 def layer_report(target: Target, quantizer, W: torch.Tensor, seconds: float) -> LayerReport:

@@ -23,8 +23,10 @@ def build_calibrator(
     adapter: Adapter | None,
     config: CalibrationConfig,
     data: Sequence[dict[str, Any]] | None = None,
+    comm=None,
 ) -> Calibrator:
-    """The calibrator for ``config``; ``data`` (model-call kwargs) replaces the adapter's data."""
+    """The calibrator for ``config``; ``data`` (model-call kwargs) replaces the adapter's data;
+    ``comm``: this rank's :class:`~compresskit.distributed.Comm` (None: one process)."""
     if data is not None:
         if not data or not all(isinstance(b, dict) for b in data):
             raise CompressKitError("calibration_data must be a non-empty list of keyword-argument dicts for model(**batch)")
@@ -66,4 +68,5 @@ def build_calibrator(
         distill=distill,
         clean=adapter.clean_block_call if adapter is not None else None,
         loss_keys=adapter.loss_keys if adapter is not None else (),
+        comm=comm,
     )

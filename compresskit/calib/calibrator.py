@@ -17,6 +17,7 @@ from torch import nn
 from compresskit.calib.capture import Clean
 from compresskit.calib.config import CalibrationConfig
 from compresskit.calib.objectives import BlockObjective, ModelObjective
+from compresskit.calib.sharded import refuse_undistributed
 from compresskit.calib.walk import Walk
 from compresskit.errors import CompressKitError
 
@@ -31,7 +32,8 @@ class Calibrator:
     ``batches``: model-call kwargs (already grouped into model calls); ``task_loss(model, batch)``: the
     family's loss (task M-step); ``m_batches``: what the task / distill M-step trains on (default:
     ``batches``); ``distill``: ``(targets_fn, loss_fn)`` for ``m_objective="distill"``; ``clean``: the
-    adapter's ``clean_block_call``.
+    adapter's ``clean_block_call``; ``comm``: this rank's :class:`~compresskit.distributed.Comm`
+    for a distributed walk (None: one process; ``docs/distributed.md``).
     """
 
     def __init__(
@@ -45,10 +47,16 @@ class Calibrator:
         distill: Distill | None = None,
         clean: Clean | None = None,
         loss_keys: Sequence[str] = (),
+        comm=None,
     ):
         if not batches:
             raise CompressKitError("calibration needs at least one calibration batch")
         self.config = config = (config or CalibrationConfig()).validated()
+        if comm is not None:
+            refuse_undistributed(config)
+            if not blocks:
+                raise CompressKitError("calibration layer by layer (a model without blocks) cannot run distributed yet; run it in one process (no torchrun)")
+        self.comm = comm
         self.blocks = list(blocks or [])
         self.batches = list(batches)
         if config.m_objective == "task" and task_loss is None:
@@ -63,7 +71,7 @@ class Calibrator:
         self.originals: dict[str, torch.Tensor] = {}
         # the walk calls the model on the batches without the entries only the task loss reads
         model_batches = [{k: v for k, v in b.items() if k not in loss_keys} for b in self.batches]
-        self.walk = Walk(config, self.blocks, model_batches, clean, BlockObjective(config), self.hessians, self.originals)
+        self.walk = Walk(config, self.blocks, model_batches, clean, BlockObjective(config), self.hessians, self.originals, comm=comm)
         self.model_objective = ModelObjective(
             config, self.batches, list(m_batches) if m_batches else self.batches, task_loss, distill, self.hessians, self.originals
         )

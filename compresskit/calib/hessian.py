@@ -46,6 +46,12 @@ class HessianAccumulator:
 
     def add_batch(self, x: torch.Tensor) -> "HessianAccumulator":
         """Add inputs ``x [..., n_features]`` (any float dtype; leading dims are flattened to rows)."""
+        return self.add_partial(*self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """``(rows^T rows, number of rows)`` of inputs ``x``, computed as :meth:`add_batch` does but not
+        added (``(None, 0)`` for no rows): a distributed walk adds every rank's partials in the
+        calibration batches' order with :meth:`add_partial`, which reproduces ``add_batch`` exactly."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise CompressKitError(f"HessianAccumulator: expected a float tensor of inputs, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.n_features:
@@ -54,14 +60,19 @@ class HessianAccumulator:
             )
         rows = x.detach().reshape(-1, self.n_features).to(device=self.xtx_.device, dtype=self.xtx_.dtype)
         if rows.shape[0] == 0:
-            return self
+            return None, 0
         batch = rows.T @ rows  # [n, n]
         if not torch.isfinite(batch).all():
             raise CompressKitError(
                 "HessianAccumulator: this batch of inputs has NaN or infinite values; check the calibration data"
             )
-        self.xtx_ += batch
-        self.n_samples_ += rows.shape[0]
+        return batch, rows.shape[0]
+
+    def add_partial(self, batch: torch.Tensor | None, n_rows: int) -> "HessianAccumulator":
+        """Add a :meth:`partial` (``batch [n_features, n_features]`` in this accumulator's dtype)."""
+        if batch is not None:
+            self.xtx_ += batch
+            self.n_samples_ += n_rows
         return self
 
     def add_conv_batch(self, x: torch.Tensor, conv: torch.nn.Conv2d) -> "HessianAccumulator":

@@ -30,6 +30,7 @@ from compresskit.calib.capture import Call, capture_calls, is_chained, layer_row
 from compresskit.calib.hessian import HessianAccumulator, asymmetric_target
 from compresskit.calib.offload import ActivationStore
 from compresskit.calib.objectives import fit_layer, uses_statistics
+from compresskit.calib.sharded import SharedFits, StepPartials
 from compresskit.errors import CompressKitError
 from compresskit.nn import quantize_tensor
 from compresskit.targets import Target
@@ -54,6 +55,8 @@ class _Stats:
     crosses: dict[str, torch.Tensor]
     fp_outputs: list | None
     stages: list[list[str]]
+    targets: dict[str, Target] | None = None  # by name, for a distributed walk
+    groups: list[list[str]] | None = None  # the layers compressed together with these statistics
 
 
 class Walk:
@@ -65,10 +68,24 @@ class Walk:
     follow (what their E-step aims at). Measured as it goes: ``block_errors`` (each compressed
     block's relative output error against the original model's, or the block objective's teacher),
     ``block_losses`` (the block M-step's last loss), ``asymmetric`` (whether asymmetric targets were used).
+
+    ``comm`` (a :class:`~compresskit.distributed.Comm`; None: one process): this rank runs the blocks
+    on its share of the batches, the statistics are combined in batch order, and each layer is
+    fitted by its owner rank and shared (``docs/distributed.md``).
     """
 
-    def __init__(self, config, blocks, batches, clean, block_objective, hessians: dict, originals: dict):
+    def __init__(self, config, blocks, batches, clean, block_objective, hessians: dict, originals: dict, comm=None):
         self.config, self.blocks, self.batches, self.clean = config, list(blocks), list(batches), clean
+        self.comm = comm
+        self.n_batches = len(self.batches)  # in all, over every rank
+        if comm is not None:
+            if self.n_batches < comm.world:
+                raise CompressKitError(
+                    f"{comm.world} processes need at least {comm.world} calibration batches, got {self.n_batches}; "
+                    "use fewer processes, more samples or a smaller batch_size"
+                )
+            self.batches = comm.share(self.batches)
+            self.shared = SharedFits(comm)
         self.block_objective = block_objective
         self.hessians, self.originals = hessians, originals
         self.block_errors: dict[str, float] = {}
@@ -148,6 +165,8 @@ class Walk:
         return reports
 
     def _walk_unchained(self, model: nn.Module, by_block: dict[str, list[Target]]) -> list:
+        if self.comm is not None:
+            raise CompressKitError("unchained blocks (a block's output is not the next one's input) cannot be calibrated distributed yet; run it in one process (no torchrun)")
         self.asymmetric = False
         wanted = [b for b in self.blocks if by_block[b]]
         all_calls = self._capture(model, wanted, tag="u") if wanted else []
@@ -222,17 +241,35 @@ class Walk:
         """Fit ``target``'s quantizer with its statistics (towards its asymmetric target when ``stats``
         has a cross term for it), put it in place and return its report."""
         self._tick(target.name)
+
+        def fit(t: Target, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+            """Fit ``quantizer`` for ``t``; returns (its weight, the weight it aimed at)."""
+            W = t.layout.to_rows(getattr(model.get_submodule(t.owner), t.attr)).detach().clone()
+            H = stats.hessians[t.name]
+            goal = W
+            if t.name in stats.crosses and uses_statistics(quantizer, self.config):
+                goal = asymmetric_target(W, H, stats.crosses[t.name], damp=self.config.asym_damp).to(W.dtype)
+            fit_layer(quantizer, goal, H, self.config)
+            return W, goal
+
+        if self.comm is not None:  # distributed: the owner rank fits the layers of the group, every rank places them
+            def fit_and_report(t: Target, quantizer):
+                begin = time.perf_counter()
+                W, _ = fit(t, quantizer)
+                return self._report(t, quantizer, W, time.perf_counter() - begin)
+
+            group = next(g for g in stats.groups if target.name in g)
+            quantizer, report = self.shared.take(target, [stats.targets[n] for n in group], self._plan, fit_and_report)
+            if quantizer is not None:
+                quantize_tensor(model.get_submodule(target.owner), target.attr, quantizer, target.layout)
+            return report
         quantizer = self._plan(target)
         if quantizer is None:
             return None
         start = time.perf_counter()
         owner = model.get_submodule(target.owner)
-        W = target.layout.to_rows(getattr(owner, target.attr)).detach().clone()
+        W, goal = fit(target, quantizer)
         H = stats.hessians[target.name]
-        goal = W
-        if target.name in stats.crosses and uses_statistics(quantizer, self.config):
-            goal = asymmetric_target(W, H, stats.crosses[target.name], damp=self.config.asym_damp).to(W.dtype)
-        fit_layer(quantizer, goal, H, self.config)
         quantize_tensor(owner, target.attr, quantizer, target.layout)
         if self.config.em_rounds > 0 and quantizer.supports_codebook_update:
             self.hessians[target.name] = H.float()
@@ -269,10 +306,18 @@ class Walk:
     def _relative_error(self, outs: list, reference: list) -> float:
         """``sum |out - ref|^2 / sum |ref|^2`` over the calibration batches (stored references)."""
         num = den = 0.0
+        terms = []  # a distributed walk's per-batch terms, summed in the global batch order
         for o, r in zip(outs, reference):
             o, r = self.store.resolve(o).float(), self.store.resolve(r).float()
+            if self.comm is not None:
+                terms.append([float((o - r).pow(2).sum()), float(r.pow(2).sum())])
+                continue
             num += float((o - r).pow(2).sum())
             den += float(r.pow(2).sum())
+        if self.comm is not None:
+            for n, d in self.comm.in_global_order(terms):
+                num += n
+                den += d
         return num / den if den > 0 else float("nan")
 
     def _statistics(self, block, block_name: str, targets: list[Target], calls: list[Call], original, fp_tag, whole_model=False) -> _Stats:
@@ -298,6 +343,9 @@ class Walk:
         stash: dict[str, torch.Tensor] = {}
         first_inputs: dict[str, torch.Tensor] = {}  # batch 0's input tensor of each layer, in call order
         running_fp = [False]  # the hooks of both streams may sit on the same modules (fp_block is block)
+        parts = StepPartials() if self.comm is not None else None
+        # lock-step: in a distributed walk every rank takes part in each step's combination, with or without a batch
+        n_steps = len(calls) if self.comm is None else self.comm.steps(self.n_batches)
 
         def q_hook(name, target):
             def hook(mod, args):
@@ -305,6 +353,9 @@ class Walk:
                     return
                 first_inputs.setdefault(name, args[0])
                 rows = layer_rows(mod, target.layout, args[0].detach())
+                if parts is not None:  # distributed: added in the global batch order after the step
+                    parts.add(name, accs[name].partial(rows), rows.T.float() @ stash.pop(name).float() if dual else None)
+                    return
                 accs[name].add_batch(rows)
                 if dual:
                     cross[name] += rows.T.float() @ stash.pop(name).float()
@@ -323,15 +374,19 @@ class Walk:
         fp_outs = [] if original is not None and fp_tag is not None else None
         try:
             with torch.no_grad():
-                for j, (c, f) in enumerate(zip(calls, fp_calls)):
-                    if dual or fp_outs is not None:
-                        running_fp[0] = True
-                        out = run_call(fp_block, f, self.store)
-                        running_fp[0] = False
-                        if fp_outs is not None:
-                            fp_outs.append(self.store.put(f"{fp_tag}{j}", out))
-                    if dual or fp_outs is None:
-                        run_call(block, c, self.store)
+                for j in range(n_steps):
+                    if j < len(calls):
+                        c, f = calls[j], fp_calls[j]
+                        if dual or fp_outs is not None:
+                            running_fp[0] = True
+                            out = run_call(fp_block, f, self.store)
+                            running_fp[0] = False
+                            if fp_outs is not None:
+                                fp_outs.append(self.store.put(f"{fp_tag}{j}", out))
+                        if dual or fp_outs is None:
+                            run_call(block, c, self.store)
+                    if parts is not None:
+                        parts.combine(self.comm, accs, cross, ran=j < len(calls))
         finally:
             for h in handles:
                 h.remove()
@@ -342,9 +397,13 @@ class Walk:
         for name, x in first_inputs.items():
             stage = next((s for s in stages if first_inputs[s[0]] is x), None)
             stage.append(name) if stage is not None else stages.append([name])
+        if self.comm is not None:  # every rank walks rank 0's stages (the ones one process finds on batch 0)
+            stages = self.comm.broadcast_object(stages, 0)
         return _Stats(
             hessians={n: a.hessian for n, a in accs.items()},
             crosses={n: cross[n] / accs[n].n_samples_ for n in modules} if dual else {},
             fp_outputs=fp_outs,
             stages=stages,
+            targets={n: t for n, (t, _) in modules.items()},
+            groups=stages if self.config.sequential and not whole_model else [list(modules)],
         )

@@ -135,6 +135,8 @@ def quantize(
         stream=stream, resume=resume,
     )
     result = run_quantize(request, quiet=as_json)
+    if result is None:  # a distributed run's other ranks: rank 0 prints
+        return
     output.print_json(result) if as_json else output.quantize_summary(result)
 
 

@@ -122,7 +122,18 @@ def build_configs(req: QuantizeRequest, adapter):
     return config, calibration, eval_spec
 
 
-def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
+def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any] | None:
+    """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this; only rank 0 evaluates, saves and
+    returns the result, the others return None (``docs/distributed.md``)."""
+    from compresskit import distributed
+
+    with distributed.session() as comm:
+        if comm is not None and (req.stream or req.resume):
+            raise CompressKitError("--stream / --resume cannot run distributed yet; run it in one process (no torchrun)")
+        return _run_quantize(req, quiet or (comm is not None and not comm.is_main), comm)
+
+
+def _run_quantize(req: QuantizeRequest, quiet: bool, comm) -> dict[str, Any] | None:
     from compresskit import io
     from compresskit.compress import compress
 
@@ -133,6 +144,13 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     adapter = pick_adapter(req.model, req.adapter)
     config, calibration, eval_spec = build_configs(req, adapter)
+    if comm is not None:
+        if calibration is not None:
+            from compresskit.calib.sharded import refuse_undistributed
+
+            refuse_undistributed(calibration)  # before anything is loaded
+        if not comm.is_main:
+            eval_spec = None  # rank 0 evaluates and saves
     if req.out is not None and Path(req.out).exists() and not req.overwrite:
         raise CompressKitError(f"{req.out} already exists; choose another --out or pass --overwrite")
 
@@ -150,11 +168,13 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     if progress is not None:
         progress.start()
     try:
-        report = compress(loaded, config, adapter=adapter, calibration=calibration, progress=update)
+        report = compress(loaded, config, adapter=adapter, calibration=calibration, progress=update, comm=comm)
     finally:
         if progress is not None:
             progress.stop()
     seconds_compress = time.perf_counter() - t0
+    if comm is not None and not comm.is_main:
+        return None
     if eval_spec is not None:
         with _step("evaluating the compressed model", quiet):
             metrics["after"] = adapter.evaluate(loaded, eval_spec)
@@ -178,6 +198,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "out": str(out),
         "report": report.to_dict(),
         "seconds_compress": seconds_compress,
+        "processes": 1 if comm is None else comm.world,
         "seconds_total": time.perf_counter() - start,
     }
 
