@@ -6,6 +6,10 @@ one ``bench/make_7b_shaped.py`` writes) while a thread samples this process's re
 run's peak (also ``ru_maxrss``), the size of one float32 block, the model's float32 size and the
 target bound ``one float32 block + 4 GiB``.
 
+``--trace`` also names where the memory goes: the walk's steps (statistics passes, the
+asymmetric target, k-means, E-step, layer-wise rounds, writes) are wrapped, and for each the
+peak RSS while it ran (innermost step) and the RSS when it began are printed, largest first.
+
 ``--max-blocks K`` stops after K blocks (resumably: a later run with ``--resume`` goes on), so a
 7B model can be measured over part of its depth in a session; the per-block peaks show whether
 memory grows with depth.
@@ -42,16 +46,90 @@ class Sampler(threading.Thread):
     def __init__(self, period: float = 0.02):
         super().__init__(daemon=True)
         self.period, self.peak, self.overall, self.running = period, 0, 0, True
+        self.trace: Trace | None = None
 
     def run(self) -> None:
         while self.running:
             now = rss_bytes()
+            if self.trace is not None:
+                self.trace.charge(now)
             self.peak, self.overall = max(self.peak, now), max(self.overall, now)
             time.sleep(self.period)
 
     def take(self) -> int:
         peak, self.peak = max(self.peak, rss_bytes()), 0
         return peak
+
+
+class Trace:
+    """Peak RSS per step of the walk: ``wrap(owner, attr)`` replaces a function with one that pushes
+    its label while it runs; the sampler thread charges each sample to the innermost label."""
+
+    def __init__(self):
+        self.stack: list[str] = []
+        self.peaks: dict[str, int] = {}
+        self.entry: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, owner, attr: str, label: str | None = None) -> None:
+        import functools
+
+        fn = getattr(owner, attr)
+        label = label or attr
+
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            path = "/".join([*self.stack[-1:], label])
+            self.entry[path] = max(self.entry.get(path, 0), rss_bytes())
+            self.calls[path] = self.calls.get(path, 0) + 1
+            self.stack.append(path)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stack.pop()
+
+        setattr(owner, attr, traced)
+
+    def charge(self, rss: int) -> None:
+        stack = self.stack
+        label = stack[-1] if stack else "(outside)"
+        if rss > self.peaks.get(label, 0):
+            self.peaks[label] = rss
+
+    def rows(self) -> list[dict]:
+        return sorted(
+            ({"step": k, "calls": self.calls.get(k, 0), "entry_gib": round(self.entry.get(k, 0) / GIB, 3), "peak_gib": round(v / GIB, 3)}
+             for k, v in self.peaks.items()),
+            key=lambda r: -r["peak_gib"],
+        )
+
+
+def install_trace() -> Trace:
+    """Wrap the steps a streamed walk takes (module attributes, looked up when called)."""
+    from compresskit.calib import codebook, estep, objectives, walk
+    from compresskit.registry import available_quantizers
+    from compresskit.stream import driver
+
+    trace = Trace()
+    for name in ("_statistics", "_outputs", "_stages", "_record_error"):
+        trace.wrap(walk.Walk, name)
+    trace.wrap(walk, "asymmetric_target")
+    trace.wrap(walk, "fit_layer")
+    trace.wrap(walk.copy, "deepcopy")
+    trace.wrap(estep, "e_step")
+    for name in ("update_codebooks", "update_row_scales", "_e_step"):
+        trace.wrap(codebook, name)
+    trace.wrap(objectives, "refine_layer") if hasattr(objectives, "refine_layer") else trace.wrap(codebook, "refine_layer")
+    for name in ("materialise", "write_tensors", "save_carry", "model_state"):
+        trace.wrap(driver, name)
+    from compresskit.quantizers import pq
+
+    trace.wrap(pq, "kmeans")
+    for cls in available_quantizers().values():
+        for name in ("fit", "_fit"):
+            if name in vars(cls):
+                trace.wrap(cls, name, f"{cls.__name__}.{name}")
+    return trace
 
 
 def block_bytes(model_dir: Path) -> tuple[int, int, int]:
@@ -81,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-blocks", type=int, default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trace", action="store_true", help="peak RSS per step of the walk (see above)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -101,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             settings["offload_dir"] = args.offload_dir
         calibration = CalibrationConfig.preset(args.preset).with_settings(settings)
     sampler = Sampler()
+    sampler.trace = install_trace() if args.trace else None
     baseline = rss_bytes()
     sampler.start()
     rows: list[dict] = []
@@ -129,10 +209,16 @@ def main(argv: list[str] | None = None) -> None:
         "fp32_block_bytes": per_block, "fp32_block_gib": round(per_block / GIB, 3), "fp32_model_gib": round(whole / GIB, 3),
         "bound_gib": round(bound / GIB, 3), "within_bound": peak <= bound, "blocks": rows,
     }
+    if sampler.trace is not None:
+        summary["trace"] = sampler.trace.rows()
+        if not args.json:
+            print(f"{'step':70s} {'calls':>5s} {'RSS in':>7s} {'peak':>7s}  (GiB)")
+            for r in summary["trace"]:
+                print(f"{r['step']:70s} {r['calls']:5d} {r['entry_gib']:7.2f} {r['peak_gib']:7.2f}")
     if args.json:
         print(json.dumps(summary))
     else:
-        print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("blocks", "trace")}, indent=1))
     if not args.out and result.finished:
         shutil.rmtree(out, ignore_errors=True)
     sys.exit(0 if summary["within_bound"] else 1)

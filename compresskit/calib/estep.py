@@ -75,14 +75,18 @@ def centroid_target(quantizer, W: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def padded_hessians(H: torch.Tensor, n_pad: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(damped H, H)`` as float32 ``[n_pad, n_pad]``, zero on the padded rows and columns.
+    """``(damped H, H)`` as float32 ``[n_pad, n_pad]``, zero on the padded rows and columns. The
+    second may be ``H`` itself (not padded, already float32): callers only read it.
 
     The damping adds ``damp * mean(diag H)`` to the real diagonal only: padded coordinates are not
     part of the weight and stay out of both objectives.
     """
     n = H.shape[0]
-    true = torch.zeros(n_pad, n_pad, dtype=torch.float32)
-    true[:n, :n] = H.float()
+    if n_pad == n:  # nothing to pad: H itself is the undamped one (read only), no [n, n] copy
+        true = H.float()
+    else:
+        true = torch.zeros(n_pad, n_pad, dtype=torch.float32)
+        true[:n, :n] = H.float()
     padded = true.clone()  # damped(H).float(), without its [n, n] float64 copy: only the diagonal changes
     padded.diagonal()[:n] = (H.diagonal().double() + ridge(H, damp)).float()
     return padded, true

@@ -88,6 +88,13 @@ class HessianAccumulator:
             )
         return self.xtx_ / self.n_samples_
 
+    def take_hessian(self) -> torch.Tensor:
+        """:attr:`hessian` made in place, without a second ``[n, n]`` copy: the same values, but the
+        accumulator is spent (its sum is gone)."""
+        H = self.hessian if self.n_samples_ == 0 else self.xtx_.div_(self.n_samples_)
+        self.xtx_, self.n_samples_ = None, 0
+        return H
+
 
 def conv_inputs(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """Patches of a Conv2d input as rows: ``[B * L, C * kh * kw]``, so ``conv(x)`` is ``rows @ W.flatten(1).T``.
@@ -151,21 +158,33 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: f
 
     ``W``: ``[m, ...]`` (flattened to ``[m, n]``); ``H``, ``G``: ``[n, n]``. Returns float32 in ``W``'s shape.
     """
-    W2 = W.detach().reshape(W.shape[0], -1).double()
-    n = W2.shape[1]
+    W2 = W.detach().reshape(W.shape[0], -1)
+    m, n = W2.shape
     if H.shape != (n, n) or G.shape != (n, n):
         raise CompressKitError(f"asymmetric_target: H {tuple(H.shape)} and G {tuple(G.shape)} must be [{n}, {n}] for this weight")
-    # float64 [n, n] temporaries one at a time (a 7B MLP's n = 11008: 970 MB each)
-    D = G.double()
-    D = D.clone() if D is G else D
-    D.sub_(H)  # G - H
-    rhs = D @ W2.T  # (G - H) W^T, [n, m]
-    del D
+    # in float64, with no [n, n] float64 temporary but the factor (a 7B MLP's n = 11008: 970 MB each):
+    # (G - H) W^T is made a band of rows at a time, and the solve overwrites its right-hand side
+    Wd = W2.double()
+    rhs = torch.empty(n, m, dtype=torch.float64)
+    for rows in _bands(n, n):
+        torch.matmul(G[rows].double() - H[rows].double(), Wd.T, out=rhs[rows])  # (G - H) W^T, [n, m]
+    del Wd, G  # G is not needed again: a caller that let go of it gets its memory back now
     L = damped(H, damp)
     L.diagonal().add_(1e-12)
     info = torch.empty((), dtype=torch.int32)
     torch.linalg.cholesky_ex(L, out=(L, info))  # in place: one [n, n] float64 fewer
     if int(info):
         raise CompressKitError("asymmetric_target: the damped Hessian is not positive definite; raise damp")
-    correction = torch.cholesky_solve(rhs, L).T  # W (G - H)^T Hd^{-1}
-    return (W2 + correction).float().reshape(W.shape)
+    for cols in _bands(m, n):
+        rhs[:, cols] = torch.cholesky_solve(rhs[:, cols], L)  # Hd^{-1} (G - H) W^T
+    del L
+    out = torch.empty(m, n, dtype=torch.float32)
+    for rows in _bands(m, n):
+        out[rows] = (W2[rows].double() + rhs[:, rows].T).float()  # W + W (G - H)^T Hd^{-1}
+    return out.reshape(W.shape)
+
+
+def _bands(size: int, width: int, budget: int = 2**23) -> list[slice]:
+    """``range(size)`` in slices of about ``budget`` elements of a ``[band, width]`` tensor (64 MiB of float64)."""
+    step = max(1, budget // max(1, width))
+    return [slice(i, min(i + step, size)) for i in range(0, size, step)]

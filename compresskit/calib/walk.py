@@ -18,10 +18,12 @@ no input activations (embedding tables, bare tensors) are fitted on their weight
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -47,6 +49,17 @@ class ChainState:
     fp_calls: list[Call]
 
 
+# how the walk holds a block's uncompressed copy while its layers are compressed: called with the
+# block's name and the block (not yet compressed), it returns an opener whose context gives the copy
+OriginalBlock = Callable[[str, nn.Module], Callable[[], ContextManager[nn.Module]]]
+
+
+def keep_copy(block_name: str, block: nn.Module) -> Callable[[], ContextManager[nn.Module]]:
+    """The default :data:`OriginalBlock`: a copy of the block kept in memory until the block is done."""
+    kept = copy.deepcopy(block)
+    return lambda: contextlib.nullcontext(kept)
+
+
 @dataclass
 class _Stats:
     """What :meth:`Walk._statistics` measured on one block."""
@@ -68,6 +81,10 @@ class Walk:
     follow (what their E-step aims at). Measured as it goes: ``block_errors`` (each compressed
     block's relative output error against the original model's, or the block objective's teacher),
     ``block_losses`` (the block M-step's last loss), ``asymmetric`` (whether asymmetric targets were used).
+    ``original_block`` (an :data:`OriginalBlock`) holds the uncompressed block that the original
+    model's stream runs on while a block is compressed in stages: a copy in memory by default; a
+    streamed run reads it again from the checkpoint for each pass instead, so it costs memory only
+    while a statistics pass runs.
 
     ``comm`` (a :class:`~compresskit.distributed.Comm`; None: one process): this rank runs the blocks
     on its share of the batches, the statistics are combined in batch order, and each layer is
@@ -92,6 +109,7 @@ class Walk:
         self.block_losses: dict[str, float] = {}
         self.asymmetric = False
         self.store = ActivationStore()  # replaced for each run by one honouring offload_dir
+        self.original_block: OriginalBlock = keep_copy
 
     def run(self, model: nn.Module, targets: list[Target], plan, compress_plain, report, progress=None) -> list:
         """Compress every target that ``plan(target)`` gives a quantizer for (None keeps it dense);
@@ -151,7 +169,11 @@ class Walk:
         if targets:
             # with sequential, later stages see this block's compressed layers, so the original
             # model's stream runs on a copy of the block kept aside
-            original = (copy.deepcopy(block) if self.config.sequential else block, fp_calls) if asym else None
+            if asym:
+                opener = self.original_block(block_name, block) if self.config.sequential else (lambda: contextlib.nullcontext(block))
+                original = (opener, fp_calls)
+            else:
+                original = None
             reports, fp_outs, teacher = self._compress_block(model, block, block_name, targets, calls, original, fp_tag)
         if asym and fp_outs is None:  # nothing compressed here: the block is still the original
             fp_outs = self._outputs(block, fp_calls, tag=fp_tag)
@@ -248,7 +270,8 @@ class Walk:
             H = stats.hessians[t.name]
             goal = W
             if t.name in stats.crosses and uses_statistics(quantizer, self.config):
-                goal = asymmetric_target(W, H, stats.crosses[t.name], damp=self.config.asym_damp).to(W.dtype)
+                # popped: the cross term is used once, and its [n, n] is freed inside asymmetric_target
+                goal = asymmetric_target(W, H, stats.crosses.pop(t.name), damp=self.config.asym_damp).to(W.dtype)
             fit_layer(quantizer, goal, H, self.config)
             return W, goal
 
@@ -325,7 +348,7 @@ class Walk:
         ``H = X_q^T X_q / N`` per layer, and the layers grouped into stages (layers reading the same
         input tensor, in execution order).
 
-        ``original``: ``(original block, original model's inputs)`` for asymmetric calibration; then
+        ``original``: ``(opener of the original block, original model's inputs)`` for asymmetric calibration; then
         also ``G = X_q^T X / N`` per layer (``X``: the layer's inputs in the original model) and, with
         ``fp_tag``, the original block's outputs stored under that tag. While both streams are the
         same (the first block, nothing of it compressed yet) ``G == H``: one pass runs and ``crosses``
@@ -334,9 +357,14 @@ class Walk:
         def sub(root, t: Target) -> nn.Module:
             return root.get_submodule(t.owner if whole_model else t.owner[len(block_name) + 1 :])
 
+        opener, fp_calls = original if original is not None else ((lambda: contextlib.nullcontext(block)), calls)
+        with opener() as fp_block:
+            return self._statistics_on(block, fp_block, sub, targets, calls, fp_calls, original is not None, fp_tag, whole_model)
+
+    def _statistics_on(self, block, fp_block, sub, targets, calls, fp_calls, has_original, fp_tag, whole_model) -> _Stats:
+        """:meth:`_statistics` with the original block open (``fp_block``; ``block`` itself without asymmetric targets)."""
         modules = {t.name: (t, sub(block, t)) for t in targets}
         accs = {n: HessianAccumulator(math.prod(t.weight_shape[1:]), dtype=torch.float32) for n, (t, _) in modules.items()}
-        fp_block, fp_calls = original if original is not None else (block, calls)
         dual = fp_calls is not calls or fp_block is not block
         fp_modules = {n: (t, sub(fp_block, t)) for n, (t, _) in modules.items()} if dual else {}
         cross = {n: torch.zeros_like(a.xtx_) for n, a in accs.items()} if dual else {}
@@ -371,7 +399,7 @@ class Walk:
 
         handles = [m.register_forward_pre_hook(q_hook(n, t)) for n, (t, m) in modules.items()]
         handles += [m.register_forward_pre_hook(fp_hook(n, t)) for n, (t, m) in fp_modules.items()]
-        fp_outs = [] if original is not None and fp_tag is not None else None
+        fp_outs = [] if has_original and fp_tag is not None else None
         try:
             with torch.no_grad():
                 for j in range(n_steps):
@@ -399,9 +427,11 @@ class Walk:
             stage.append(name) if stage is not None else stages.append([name])
         if self.comm is not None:  # every rank walks rank 0's stages (the ones one process finds on batch 0)
             stages = self.comm.broadcast_object(stages, 0)
+        # divided in place (the same values as a.hessian and cross / N): no second [n, n] per layer
+        crosses = {n: cross.pop(n).div_(accs[n].n_samples_) for n in modules} if dual else {}
         return _Stats(
-            hessians={n: a.hessian for n, a in accs.items()},
-            crosses={n: cross[n] / accs[n].n_samples_ for n in modules} if dual else {},
+            hessians={n: a.take_hessian() for n, a in accs.items()},
+            crosses=crosses,
             fp_outputs=fp_outs,
             stages=stages,
             targets={n: t for n, (t, _) in modules.items()},

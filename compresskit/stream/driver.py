@@ -16,6 +16,8 @@ whole (see ``docs/streaming.md``):
 
 Memory holds one float32 block, its layers' statistics, the calibration activations (on disk with
 ``offload_dir``) and the tensors outside the blocks while they are read; never the whole model.
+The uncompressed copy of a block that asymmetric targets need is read again from the checkpoint
+for each statistics pass, not held while layers are fitted.
 
 Whole-model steps cannot stream: EM rounds (``em_rounds``, ``m_objective`` task / distill) are refused.
 The block M-step (``m_objective="block"``) trains block by block and streams.
@@ -30,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -142,6 +145,7 @@ def compress_streaming(
     skeleton = CompressionReport([], SizeReport(0, {}), graph.method, dense_dtype=config.dense_dtype)
     total = len(selected)
     timings: dict[str, float] = {}
+    templates: dict[str, torch.nn.Module] = {}  # the block being compressed, as a meta copy
     calibrator = None
     with ActivationStore(calibration.offload_dir if calibration is not None else None) as store:
         # the tensors outside the blocks: read for the calibration inputs (and noise statistics)
@@ -153,6 +157,7 @@ def compress_streaming(
             calibrator = build_calibrator(model, loaded, adapter, calibration)
             walk = calibrator.walk
             walk.store = store
+            walk.original_block = _reread_original(templates, weights)
             walk.begin(plan, compress_plain, layer_report, progress, total=total, done=len(record["reports"]))
             walk.block_errors.update(record["block_errors"])
         if not record["rest_done"]:
@@ -179,7 +184,7 @@ def compress_streaming(
         for i in range(record["blocks_done"], stop):
             start = time.perf_counter()
             name = blocks[i]
-            template = copy.deepcopy(model.get_submodule(name))  # meta: costs nothing
+            template = templates[name] = copy.deepcopy(model.get_submodule(name))  # meta: costs nothing
             block = model.get_submodule(name)
             materialise(block, name + ".", weights)
             if state is not None:
@@ -206,8 +211,8 @@ def compress_streaming(
             record["block_seconds"][name] = timings[name]
             _save_record(folder, record, dense_kept, notes)
             shutil.rmtree(folder / f"carry-{i}", ignore_errors=True)
-            release(model, name, template)
-            del block, reports, tensors
+            release(model, name, templates.pop(name))
+            del block, reports, tensors, template
             _free_memory()
             if on_block is not None:
                 on_block(i, name, timings[name])
@@ -234,6 +239,27 @@ def compress_streaming(
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     _move_into_place(folder, out)
     return StreamResult(report, out, timings, resumed_from)
+
+
+def _reread_original(templates: dict[str, torch.nn.Module], weights) -> Callable:
+    """The walk's ``original_block`` for a streamed run: the uncompressed block is read again from
+    the checkpoint for each statistics pass that needs it and dropped after it, instead of a float32
+    copy held while the block's layers are fitted (the same values: the same reads)."""
+
+    def original_block(block_name: str, block: torch.nn.Module):
+        @contextmanager
+        def opened():
+            fresh = copy.deepcopy(templates[block_name])  # meta
+            materialise(fresh, block_name + ".", weights)
+            try:
+                yield fresh
+            finally:
+                del fresh
+                _free_memory()
+
+        return opened
+
+    return original_block
 
 
 def _free_memory() -> None:

@@ -49,6 +49,26 @@ def test_same_inputs_give_the_weight_itself_and_bad_shapes_are_refused():
         asymmetric_target(W, H[:3, :3], H)
 
 
+def test_banded_target_equals_the_dense_formula(monkeypatch):
+    """The target is built a band of rows at a time (no [n, n] float64 temporary but the factor):
+    with bands of a few rows it is the closed form ``W + W (G - H)^T (H + lambda I)^{-1}``."""
+    from compresskit.calib import hessian
+
+    X, Xq, W = _streams(n=37, m=11)
+    N = X.shape[0]
+    H, G = (Xq.T @ Xq / N).float(), (Xq.T @ X / N).float()
+    dense = asymmetric_target(W.float(), H, G, damp=0.3)
+    real = hessian._bands
+    monkeypatch.setattr(hessian, "_bands", lambda size, width: real(size, width, budget=3 * width))
+    assert len(hessian._bands(37, 37)) == 13
+    banded = asymmetric_target(W.float(), H, G, damp=0.3)
+    Hd = H.double() + 0.3 * H.double().diagonal().mean() * torch.eye(37, dtype=torch.float64)
+    formula = W + W @ (G.double() - H.double()).T @ torch.linalg.inv(Hd + 1e-12 * torch.eye(37, dtype=torch.float64))
+    torch.testing.assert_close(banded.double(), formula, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(banded, dense, rtol=1e-6, atol=1e-6)
+    assert banded.dtype == torch.float32 and banded.shape == W.shape
+
+
 def _held_out_error(config, method="gptq", params=None, block=Block, width=24, depth=4, n_batches=4):
     """Compress a seeded chained toy model with ``config``; its mean squared output error against the
     uncompressed model on held-out inputs, the compressed model and its calibrator."""

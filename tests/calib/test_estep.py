@@ -119,3 +119,17 @@ def test_zero_sweeps_returns_the_start_and_bad_inputs_raise():
         e_step(q, W[:, :16], torch.eye(16))
     with pytest.raises(CompressKitError, match="not fitted"):
         e_step(PQ(), W, H)
+
+
+def test_padded_hessians_share_an_unpadded_float32_h_and_pad_otherwise():
+    from compresskit.calib.estep import padded_hessians
+
+    A = torch.randn(8, 8)
+    H = A @ A.T
+    damped, true = padded_hessians(H, 8, 0.1)
+    assert true is H  # nothing to pad: read in place
+    assert torch.equal(damped - torch.diag(damped.diagonal() - H.diagonal()), H)
+    torch.testing.assert_close(damped.diagonal(), H.diagonal() + 0.1 * H.diagonal().mean())
+    damped, true = padded_hessians(H, 10, 0.1)
+    assert true.shape == (10, 10) and torch.equal(true[:8, :8], H) and not true[8:].any() and not true[:, 8:].any()
+    assert not damped[8:].any() and torch.equal(damped[:8, :8].diagonal(), torch.diag(padded_hessians(H, 8, 0.1)[0]))

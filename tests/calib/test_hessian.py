@@ -93,3 +93,12 @@ def test_grouped_conv_is_refused():
     conv = torch.nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(CompressKitError, match="groups=1"):
         conv_inputs(torch.randn(1, 4, 5, 5), conv)
+
+
+def test_take_hessian_is_the_hessian_made_in_place():
+    acc = HessianAccumulator(6, dtype=torch.float32).add_batch(torch.randn(40, 6)).add_batch(torch.randn(9, 6))
+    expected = acc.hessian
+    sum_ = acc.xtx_
+    H = acc.take_hessian()
+    assert torch.equal(H, expected) and H.data_ptr() == sum_.data_ptr()  # no second [n, n]
+    assert acc.xtx_ is None and acc.n_samples_ == 0
