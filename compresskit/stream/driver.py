@@ -17,7 +17,8 @@ whole (see ``docs/streaming.md``):
 Memory holds one float32 block, its layers' statistics, the calibration activations (on disk with
 ``offload_dir``) and the tensors outside the blocks while they are read; never the whole model.
 The uncompressed copy of a block that asymmetric targets need is read again from the checkpoint
-for each statistics pass, not held while layers are fitted.
+for each statistics pass, not held while layers are fitted; large allocations are kept out of
+glibc's heap (:func:`bound_heap`), which otherwise grows by gigabytes on a 7B layer.
 
 Whole-model steps cannot stream: EM rounds (``em_rounds``, ``m_objective`` task / distill) are refused.
 The block M-step (``m_objective="block"``) trains block by block and streams.
@@ -98,6 +99,7 @@ def compress_streaming(
         calibration = calibration.validated()
         if calibration.em_rounds or calibration.m_objective in ("task", "distill"):
             raise CompressKitError("streaming compresses block by block; whole-model EM rounds (em_rounds, m_objective task or distill) need the whole model: use the preset fast, zero-data or none")
+    bound_heap()
     loaded, weights = adapter.load_empty(spec)
     model = loaded.model
     blocks = list(adapter.blocks(model) or [])
@@ -266,10 +268,38 @@ def _free_memory() -> None:
     """Collect what the last block left and hand freed heap pages back to the system (glibc's
     ``malloc_trim``), so the next block's peak is not stacked on the last one's leftover arenas."""
     gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+# glibc's mallopt parameter, and the size from which allocations get their own mapping
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def bound_heap() -> bool:
+    """Make every allocation of ``MMAP_THRESHOLD`` bytes or more its own memory mapping (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``), returned to the system the moment it is freed; True if set.
+
+    glibc raises that threshold as large blocks are freed (up to 32 MiB), after which the E-step's
+    per-subspace temporaries (1 to 32 MiB each, thousands per layer) come from the heap, which
+    fragments and is not handed back while the layer is fitted. Measured on one 11008 x 4096 layer
+    of the ``fast`` walk: 10.1 GiB peak with the default, 2.6 GiB with this, 5% slower. The setting
+    is process-wide; a streamed run makes it, since bounded memory is what it is for.
+    """
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def _glibc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: freed memory is reused all the same
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        for name in ("malloc_trim", "mallopt"):  # both must be there
+            getattr(libc, name)
+        return libc
+    except (OSError, AttributeError):  # not glibc: its allocator is left as it is
+        return None
 
 
 def _compress_tied(targets: list, compress_plain) -> list:
