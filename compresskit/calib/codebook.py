@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from compresskit.calib.estep import _e_step, centroid_target, codebook_layout_of, padded_hessians
+from compresskit.calib.estep import _e_step, banded_error, centroid_target, codebook_layout_of, padded_hessians
 from compresskit.errors import CompressKitError
 
 
@@ -47,8 +47,7 @@ def _system(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float, caller: st
 
 
 def _error(target, rebuilt, s, H) -> float:
-    R = (target - rebuilt) * s[:, None]
-    return float(((R @ H) * R).sum(dtype=torch.float64))
+    return banded_error(lambda rows: (target[rows] - rebuilt[rows]) * s[rows, None], target.shape[0], H)
 
 
 @torch.no_grad()

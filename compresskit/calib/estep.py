@@ -34,7 +34,7 @@ import contextlib
 
 import torch
 
-from compresskit.calib.hessian import ridge
+from compresskit.calib.hessian import ridge, row_bands
 from compresskit.errors import CompressKitError
 from compresskit.quantizers.codebook import CodebookLayout, CodebookQuantizer
 from compresskit.quantizers.rowscale import normalise_rows, row_scale_of
@@ -103,6 +103,16 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(((R @ H.double()) * R).sum())
 
 
+def banded_error(residual, m: int, H: torch.Tensor) -> float:
+    """``tr(R H R^T)`` for ``R [m, n]`` given a band of rows at a time: ``residual(rows)`` returns
+    ``R[rows]`` (float32), so no ``[m, n]`` temporary is made beyond one band. Summed in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for rows in row_bands(m, H.shape[0]):
+        Rb = residual(rows)
+        total += ((Rb @ H) * Rb).sum(dtype=torch.float64)
+    return float(total)
+
+
 def e_step(quantizer, W: torch.Tensor, H: torch.Tensor, n_sweeps: int = 1, damp: float = 0.01) -> torch.Tensor:
     """Codes of ``W`` that minimise the output error ``tr(R H R^T)`` with the quantizer's centroids.
 
@@ -141,19 +151,19 @@ def _e_step(quantizer, W, H, n_sweeps, damp) -> tuple[torch.Tensor, list[float]]
         raise CompressKitError("e_step: H has NaN or infinite values; check the calibration inputs")
     n_pad = n_sub * d
     Hp, H_true = padded_hessians(H, n_pad, damp)
-    Wp = torch.nn.functional.pad(W2, (0, n_pad - n))  # [m, n_pad]
+    Wp = W2 if n_pad == n else torch.nn.functional.pad(W2, (0, n_pad - n))  # [m, n_pad]
 
     flat = table.reshape(-1, d)  # [B*k, d]
     codes = codes0.long().t().contiguous()  # [n_sub, m], subspace-major so each step reads contiguous memory
     book_t = book.t().contiguous()  # [n_sub, m]
     W_hat = flat[book_t * k + codes]  # [n_sub, m, d]
     R = Wp.reshape(m, n_sub, d).transpose(0, 1) - W_hat  # [n_sub, m, d]
+    del W2, Wp  # R holds what they said
     blocks = Hp.reshape(n_sub, d, n_sub, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # [n_sub, d, d]
     quad_cache: dict[tuple[int, int], torch.Tensor] = {}  # (book, subspace) -> c H_GG c^T per centroid [k]
 
     def true_error() -> float:
-        Rf = R.transpose(0, 1).reshape(m, n_pad) * row_s[:, None]
-        return float(((Rf @ H_true) * Rf).sum(dtype=torch.float64))
+        return banded_error(lambda rows: R[:, rows].transpose(0, 1).reshape(-1, n_pad) * row_s[rows, None], m, H_true)
 
     errors = [true_error()]
     best_err, best_codes = errors[0], codes.clone()

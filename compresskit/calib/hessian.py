@@ -22,6 +22,8 @@ Conv2d layers: a conv is a linear layer on unfolded patches. :func:`conv_inputs`
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,28 +47,53 @@ class HessianAccumulator:
         self.n_samples_ = 0
 
     def add_batch(self, x: torch.Tensor) -> "HessianAccumulator":
-        """Add inputs ``x [..., n_features]`` (any float dtype; leading dims are flattened to rows)."""
+        """Add inputs ``x [..., n_features]`` (any float dtype; leading dims are flattened to rows).
+
+        Added a band of rows of ``X^T X`` at a time, with no ``[n, n]`` temporary, when the inputs
+        cannot overflow it; the values are those :meth:`partial` then :meth:`add_partial` give."""
+        rows = self._rows(x)
+        if rows.shape[0] and self._bounded(rows):
+            banded_product(rows, rows, into=self.xtx_)
+            self.n_samples_ += rows.shape[0]
+            return self
         return self.add_partial(*self.partial(x))
 
     def partial(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """``(rows^T rows, number of rows)`` of inputs ``x``, computed as :meth:`add_batch` does but not
         added (``(None, 0)`` for no rows): a distributed walk adds every rank's partials in the
         calibration batches' order with :meth:`add_partial`, which reproduces ``add_batch`` exactly."""
+        rows = self._rows(x)
+        if rows.shape[0] == 0:
+            return None, 0
+        if self._bounded(rows):
+            return banded_product(rows, rows), rows.shape[0]
+        batch = rows.T @ rows  # [n, n]: values large enough to overflow it, so it is checked whole
+        if not torch.isfinite(batch).all():
+            raise CompressKitError(
+                "HessianAccumulator: this batch of inputs has NaN or infinite values; check the calibration data"
+            )
+        return batch, rows.shape[0]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise CompressKitError(f"HessianAccumulator: expected a float tensor of inputs, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.n_features:
             raise CompressKitError(
                 f"HessianAccumulator: inputs must end in {self.n_features} features, got shape {tuple(x.shape)}"
             )
-        rows = x.detach().reshape(-1, self.n_features).to(device=self.xtx_.device, dtype=self.xtx_.dtype)
-        if rows.shape[0] == 0:
-            return None, 0
-        batch = rows.T @ rows  # [n, n]
-        if not torch.isfinite(batch).all():
+        return x.detach().reshape(-1, self.n_features).to(device=self.xtx_.device, dtype=self.xtx_.dtype)
+
+    def _bounded(self, rows: torch.Tensor) -> bool:
+        """Are ``rows`` finite (else one clear error) and small enough that no entry of ``rows^T rows``
+        can overflow (``N * max|x|^2`` far below the dtype's largest value)?"""
+        low, high = (float(v) for v in torch.aminmax(rows))
+        top = max(-low, high)
+        if not math.isfinite(top):
             raise CompressKitError(
                 "HessianAccumulator: this batch of inputs has NaN or infinite values; check the calibration data"
             )
-        return batch, rows.shape[0]
+        return rows.shape[0] * top * top < torch.finfo(rows.dtype).max / 16
+
 
     def add_partial(self, batch: torch.Tensor | None, n_rows: int) -> "HessianAccumulator":
         """Add a :meth:`partial` (``batch [n_features, n_features]`` in this accumulator's dtype)."""
@@ -94,6 +121,20 @@ class HessianAccumulator:
         H = self.hessian if self.n_samples_ == 0 else self.xtx_.div_(self.n_samples_)
         self.xtx_, self.n_samples_ = None, 0
         return H
+
+
+def banded_product(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``a^T b`` (``a [N, n]``, ``b [N, p]`` -> ``[n, p]``) made a band of rows at a time: added to
+    ``into`` in place (no ``[n, p]`` temporary), or written into a new tensor. Both give the same
+    values, band for band, so a sum built either way is the same to the bit."""
+    out = torch.empty(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device) if into is None else into
+    for band in row_bands(a.shape[1], b.shape[1]):
+        part = a[:, band].T @ b
+        if into is None:
+            out[band] = part
+        else:
+            out[band] += part
+    return out
 
 
 def conv_inputs(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -166,25 +207,31 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, damp: f
     # (G - H) W^T is made a band of rows at a time, and the solve overwrites its right-hand side
     Wd = W2.double()
     rhs = torch.empty(n, m, dtype=torch.float64)
-    for rows in _bands(n, n):
+    for rows in row_bands(n, n):
         torch.matmul(G[rows].double() - H[rows].double(), Wd.T, out=rhs[rows])  # (G - H) W^T, [n, m]
     del Wd, G  # G is not needed again: a caller that let go of it gets its memory back now
     L = damped(H, damp)
     L.diagonal().add_(1e-12)
+    # factored in place: the matrix is symmetric, so its transpose is the same values in column-major
+    # order, which LAPACK works on without a copy (a row-major matrix is copied first: 970 MB more).
+    # The two triangular solves read the factor in place too, where cholesky_solve copies it.
+    F = L.mT
     info = torch.empty((), dtype=torch.int32)
-    torch.linalg.cholesky_ex(L, out=(L, info))  # in place: one [n, n] float64 fewer
+    torch.linalg.cholesky_ex(F, out=(F, info))
     if int(info):
         raise CompressKitError("asymmetric_target: the damped Hessian is not positive definite; raise damp")
-    for cols in _bands(m, n):
-        rhs[:, cols] = torch.cholesky_solve(rhs[:, cols], L)  # Hd^{-1} (G - H) W^T
-    del L
+    for cols in row_bands(m, n):
+        y = torch.linalg.solve_triangular(F, rhs[:, cols], upper=False)
+        rhs[:, cols] = torch.linalg.solve_triangular(F.mT, y, upper=True)  # Hd^{-1} (G - H) W^T
+    del L, F, y
     out = torch.empty(m, n, dtype=torch.float32)
-    for rows in _bands(m, n):
+    for rows in row_bands(m, n):
         out[rows] = (W2[rows].double() + rhs[:, rows].T).float()  # W + W (G - H)^T Hd^{-1}
     return out.reshape(W.shape)
 
 
-def _bands(size: int, width: int, budget: int = 2**23) -> list[slice]:
-    """``range(size)`` in slices of about ``budget`` elements of a ``[band, width]`` tensor (64 MiB of float64)."""
+def row_bands(size: int, width: int, budget: int = 2**23) -> list[slice]:
+    """``range(size)`` in slices of about ``budget`` elements of a ``[band, width]`` tensor (64 MiB of
+    float64): how work on ``[n, n]`` and ``[m, n]`` matrices is cut so its temporaries stay small."""
     step = max(1, budget // max(1, width))
     return [slice(i, min(i + step, size)) for i in range(0, size, step)]

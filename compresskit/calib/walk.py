@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from compresskit.calib.capture import Call, capture_calls, is_chained, layer_rows, run_call
-from compresskit.calib.hessian import HessianAccumulator, asymmetric_target
+from compresskit.calib.hessian import HessianAccumulator, asymmetric_target, banded_product
 from compresskit.calib.offload import ActivationStore
 from compresskit.calib.objectives import fit_layer, uses_statistics
 from compresskit.calib.sharded import SharedFits, StepPartials
@@ -382,11 +382,11 @@ class Walk:
                 first_inputs.setdefault(name, args[0])
                 rows = layer_rows(mod, target.layout, args[0].detach())
                 if parts is not None:  # distributed: added in the global batch order after the step
-                    parts.add(name, accs[name].partial(rows), rows.T.float() @ stash.pop(name).float() if dual else None)
+                    parts.add(name, accs[name].partial(rows), banded_product(rows.float(), stash.pop(name).float()) if dual else None)
                     return
                 accs[name].add_batch(rows)
-                if dual:
-                    cross[name] += rows.T.float() @ stash.pop(name).float()
+                if dual:  # in bands, as the distributed partials are made: the same sum, no [n, n] temporary
+                    banded_product(rows.float(), stash.pop(name).float(), into=cross[name])
 
             return hook
 

@@ -58,9 +58,9 @@ def test_banded_target_equals_the_dense_formula(monkeypatch):
     N = X.shape[0]
     H, G = (Xq.T @ Xq / N).float(), (Xq.T @ X / N).float()
     dense = asymmetric_target(W.float(), H, G, damp=0.3)
-    real = hessian._bands
-    monkeypatch.setattr(hessian, "_bands", lambda size, width: real(size, width, budget=3 * width))
-    assert len(hessian._bands(37, 37)) == 13
+    real = hessian.row_bands
+    monkeypatch.setattr(hessian, "row_bands", lambda size, width: real(size, width, budget=3 * width))
+    assert len(hessian.row_bands(37, 37)) == 13
     banded = asymmetric_target(W.float(), H, G, damp=0.3)
     Hd = H.double() + 0.3 * H.double().diagonal().mean() * torch.eye(37, dtype=torch.float64)
     formula = W + W @ (G.double() - H.double()).T @ torch.linalg.inv(Hd + 1e-12 * torch.eye(37, dtype=torch.float64))

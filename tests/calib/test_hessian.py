@@ -102,3 +102,32 @@ def test_take_hessian_is_the_hessian_made_in_place():
     H = acc.take_hessian()
     assert torch.equal(H, expected) and H.data_ptr() == sum_.data_ptr()  # no second [n, n]
     assert acc.xtx_ is None and acc.n_samples_ == 0
+
+
+def test_banded_sums_are_bitwise_those_of_partials_and_match_the_product(monkeypatch):
+    """add_batch adds X^T X a band of rows at a time (no [n, n] temporary); a distributed walk adds
+    partials made band by band in the same way: the two sums must be equal to the bit."""
+    from compresskit.calib import hessian
+
+    real = hessian.row_bands
+    monkeypatch.setattr(hessian, "row_bands", lambda size, width: real(size, width, budget=2 * width))
+    torch.manual_seed(3)
+    batches = [torch.randn(50, 9), torch.randn(3, 4, 9), torch.randn(1, 9)]
+    banded, parts = HessianAccumulator(9, dtype=torch.float32), HessianAccumulator(9, dtype=torch.float32)
+    for x in batches:
+        banded.add_batch(x)
+        parts.add_partial(*parts.partial(x))
+    assert torch.equal(banded.xtx_, parts.xtx_) and banded.n_samples_ == parts.n_samples_ == 63
+    X = torch.cat([x.reshape(-1, 9) for x in batches])
+    torch.testing.assert_close(banded.xtx_, X.T @ X, rtol=1e-5, atol=1e-5)
+    cross = torch.zeros(9, 9)
+    hessian.banded_product(X, 2 * X, into=cross)
+    assert torch.equal(cross, hessian.banded_product(X, 2 * X))
+
+
+def test_inputs_that_could_overflow_are_summed_whole_and_checked():
+    acc = HessianAccumulator(2, dtype=torch.float32).add_batch(torch.tensor([[1e18, 1.0], [1e18, 0.0]]))
+    assert torch.isfinite(acc.xtx_).all() and float(acc.xtx_[0, 0]) == pytest.approx(2e36, rel=1e-6)
+    with pytest.raises(CompressKitError, match="NaN or infinite"):
+        acc.add_batch(torch.tensor([[3e19, 1.0]]))  # finite inputs, but their product overflows float32
+    assert acc.n_samples_ == 2
