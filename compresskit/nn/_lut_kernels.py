@@ -13,12 +13,9 @@ Why the gather loops look the way they do (measured on the 2-core Xeon of ``docs
   eight rows read the same 1 KB LUT rows at the same time, so the LUT lines they need stay in L1.
 - The gathers are compiled *without* the ``reassoc`` fast-math flag. With it LLVM vectorises the sum
   into AVX-512 gathers, which were slower here than scalar loads.
-- A LUT larger than :data:`LUT_TILE_BYTES` is read in column tiles (a run of subspaces), each
-  tile's sums added into ``out`` before the next: a LUT that does not fit the core's L2 cache cost
-  more than twice the time per lookup. The tiles are walked inside one parallel region, each
-  thread over its own run of rows, not one region per tile: on a shared machine every region's end
-  waits for the slowest thread, and a descheduled one stalled each tile (measured: 11008 -> 4096 at
-  two threads was slower than dense with three tile regions).
+- The caller cuts a LUT larger than :data:`LUT_TILE_BYTES` into column tiles (a run of subspaces)
+  and calls the gather once per tile, accumulating into ``out``: a LUT that does not fit the core's
+  L2 cache cost more than twice the time per lookup.
 
 ``cache=True`` keeps the compiled kernels on disk; the first call of each signature compiles.
 """
@@ -31,6 +28,7 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 NO_REASSOC = {"contract", "nsz", "arcp"}  # keeps the batch-1 gather scalar (see module docstring)
 BYTE_K = 256  # LUT row stride for byte codes: a code's offset is its byte, no multiply
 ROWS = 8  # rows summed together by the gathers
+CHUNK = 256  # rows per parallel task (a multiple of ROWS)
 LUT_TILE_BYTES = 1 << 20  # largest LUT slice one gather call reads (fits a core's L2 with room)
 
 
@@ -56,138 +54,112 @@ def build_lut(x, cbT, books, lut):
 
 
 @njit(inline="always")
-def _rows_per_task(m, n_tasks):
-    """Rows per task: ``m`` split ``n_tasks`` ways, a multiple of ROWS."""
-    per = (m + n_tasks - 1) // max(1, n_tasks)
-    return max(ROWS, (per + ROWS - 1) // ROWS * ROWS)
-
-
-@njit(inline="always")
 def _byte_at(lutf, base, word, j):
     """The LUT entry for byte j of ``word``: subspace ``j`` after ``base``, rows of BYTE_K floats."""
     return lutf[base + j * BYTE_K + ((word >> (8 * j)) & 255)]
 
 
 @njit(parallel=True, fastmath=NO_REASSOC, cache=True)
-def gather_words(lutf, words, out, tile, n_tasks):
+def gather_words(lutf, words, out):
     """``out[i] += sum_g lutf[g*256 + code(i, g)]`` for byte codes packed eight to a word.
 
     ``lutf [n_words * 8 * 256]`` float32 (one token), ``words [m, n_words]`` uint64 (byte j of word w
-    is subspace ``8 w + j``, little-endian), ``out [m]`` float32. ``tile``: words per LUT tile.
-    The rows are cut into ``n_tasks`` runs (one per thread); each goes through the tiles in turn,
-    adding each tile's sum to ``out``: one parallel region for the whole LUT, and each core reads
-    each tile from memory once.
+    is subspace ``8 w + j``, little-endian), ``out [m]`` float32.
     """
-    m, n_all = words.shape
-    per = _rows_per_task(m, n_tasks)
+    m, nw = words.shape
+    n_tasks = (m + CHUNK - 1) // CHUNK
     for task in prange(n_tasks):
-        lo = min(m, task * per)
-        hi = min(m, lo + per)
-        for w0 in range(0, n_all, tile):
-            _words_tile(lutf, words, out, lo, hi, w0, min(n_all, w0 + tile))
-
-
-@njit(inline="always", fastmath=NO_REASSOC)
-def _words_tile(lutf, words, out, lo, hi, w0, w1):
-    """Rows ``lo:hi`` of :func:`gather_words` over the words ``w0:w1`` (one LUT tile)."""
-    full = lo + (hi - lo) // ROWS * ROWS
-    for i in range(lo, full, ROWS):
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        a4 = np.float32(0.0)
-        a5 = np.float32(0.0)
-        a6 = np.float32(0.0)
-        a7 = np.float32(0.0)
-        for w in range(w0, w1):
-            base = w * (8 * BYTE_K)
-            v0 = words[i, w]
-            v1 = words[i + 1, w]
-            v2 = words[i + 2, w]
-            v3 = words[i + 3, w]
-            v4 = words[i + 4, w]
-            v5 = words[i + 5, w]
-            v6 = words[i + 6, w]
-            v7 = words[i + 7, w]
-            for j in range(8):
-                a0 += _byte_at(lutf, base, v0, j)
-                a1 += _byte_at(lutf, base, v1, j)
-                a2 += _byte_at(lutf, base, v2, j)
-                a3 += _byte_at(lutf, base, v3, j)
-                a4 += _byte_at(lutf, base, v4, j)
-                a5 += _byte_at(lutf, base, v5, j)
-                a6 += _byte_at(lutf, base, v6, j)
-                a7 += _byte_at(lutf, base, v7, j)
-        out[i] += a0
-        out[i + 1] += a1
-        out[i + 2] += a2
-        out[i + 3] += a3
-        out[i + 4] += a4
-        out[i + 5] += a5
-        out[i + 6] += a6
-        out[i + 7] += a7
-    for i in range(full, hi):  # the last rows of the layer, one at a time
-        acc = np.float32(0.0)
-        for w in range(w0, w1):
-            base = w * (8 * BYTE_K)
-            v = words[i, w]
-            for j in range(8):
-                acc += _byte_at(lutf, base, v, j)
-        out[i] += acc
+        lo = task * CHUNK
+        hi = min(m, lo + CHUNK)
+        full = lo + (hi - lo) // ROWS * ROWS
+        for i in range(lo, full, ROWS):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            a4 = np.float32(0.0)
+            a5 = np.float32(0.0)
+            a6 = np.float32(0.0)
+            a7 = np.float32(0.0)
+            for w in range(nw):
+                base = w * (8 * BYTE_K)
+                v0 = words[i, w]
+                v1 = words[i + 1, w]
+                v2 = words[i + 2, w]
+                v3 = words[i + 3, w]
+                v4 = words[i + 4, w]
+                v5 = words[i + 5, w]
+                v6 = words[i + 6, w]
+                v7 = words[i + 7, w]
+                for j in range(8):
+                    a0 += _byte_at(lutf, base, v0, j)
+                    a1 += _byte_at(lutf, base, v1, j)
+                    a2 += _byte_at(lutf, base, v2, j)
+                    a3 += _byte_at(lutf, base, v3, j)
+                    a4 += _byte_at(lutf, base, v4, j)
+                    a5 += _byte_at(lutf, base, v5, j)
+                    a6 += _byte_at(lutf, base, v6, j)
+                    a7 += _byte_at(lutf, base, v7, j)
+            out[i] += a0
+            out[i + 1] += a1
+            out[i + 2] += a2
+            out[i + 3] += a3
+            out[i + 4] += a4
+            out[i + 5] += a5
+            out[i + 6] += a6
+            out[i + 7] += a7
+        for i in range(full, hi):  # the last rows of the layer, one at a time
+            acc = np.float32(0.0)
+            for w in range(nw):
+                base = w * (8 * BYTE_K)
+                v = words[i, w]
+                for j in range(8):
+                    acc += _byte_at(lutf, base, v, j)
+            out[i] += acc
 
 
 @njit(parallel=True, fastmath=NO_REASSOC, cache=True)
-def gather_codes(lut, codes, out, start, tile, n_tasks):
-    """``out[i] += sum_g lut[g, codes[i, g]]`` over the subspaces ``g >= start``, for codes of any
-    integer dtype.
+def gather_codes(lut, codes, out):
+    """``out[i] += sum_g lut[g, codes[i, g]]`` for codes of any integer dtype.
 
     ``lut [n_sub, kp]`` float32, ``codes [m, n_sub]`` (uint8, int16 or int32; any strides),
     ``out [m]`` float32. For codes wider than a byte, and for the subspaces left over when byte codes
-    do not fill whole words. Eight rows at a time, in LUT tiles of ``tile`` subspaces, as
-    :func:`gather_words`.
+    do not fill whole words. Eight rows at a time, as :func:`gather_words`.
     """
-    m, n_all = codes.shape
-    per = _rows_per_task(m, n_tasks)
+    m, n_sub = codes.shape
+    n_tasks = (m + CHUNK - 1) // CHUNK
     for task in prange(n_tasks):
-        lo = min(m, task * per)
-        hi = min(m, lo + per)
-        for g0 in range(start, n_all, tile):
-            _codes_tile(lut, codes, out, lo, hi, g0, min(n_all, g0 + tile))
-
-
-@njit(inline="always", fastmath=NO_REASSOC)
-def _codes_tile(lut, codes, out, lo, hi, g0, g1):
-    """Rows ``lo:hi`` of :func:`gather_codes` over the subspaces ``g0:g1`` (one LUT tile)."""
-    full = lo + (hi - lo) // ROWS * ROWS
-    for i in range(lo, full, ROWS):
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        a4 = np.float32(0.0)
-        a5 = np.float32(0.0)
-        a6 = np.float32(0.0)
-        a7 = np.float32(0.0)
-        for g in range(g0, g1):
-            a0 += lut[g, codes[i, g]]
-            a1 += lut[g, codes[i + 1, g]]
-            a2 += lut[g, codes[i + 2, g]]
-            a3 += lut[g, codes[i + 3, g]]
-            a4 += lut[g, codes[i + 4, g]]
-            a5 += lut[g, codes[i + 5, g]]
-            a6 += lut[g, codes[i + 6, g]]
-            a7 += lut[g, codes[i + 7, g]]
-        out[i] += a0
-        out[i + 1] += a1
-        out[i + 2] += a2
-        out[i + 3] += a3
-        out[i + 4] += a4
-        out[i + 5] += a5
-        out[i + 6] += a6
-        out[i + 7] += a7
-    for i in range(full, hi):
-        acc = np.float32(0.0)
-        for g in range(g0, g1):
-            acc += lut[g, codes[i, g]]
-        out[i] += acc
+        lo = task * CHUNK
+        hi = min(m, lo + CHUNK)
+        full = lo + (hi - lo) // ROWS * ROWS
+        for i in range(lo, full, ROWS):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            a4 = np.float32(0.0)
+            a5 = np.float32(0.0)
+            a6 = np.float32(0.0)
+            a7 = np.float32(0.0)
+            for g in range(n_sub):
+                a0 += lut[g, codes[i, g]]
+                a1 += lut[g, codes[i + 1, g]]
+                a2 += lut[g, codes[i + 2, g]]
+                a3 += lut[g, codes[i + 3, g]]
+                a4 += lut[g, codes[i + 4, g]]
+                a5 += lut[g, codes[i + 5, g]]
+                a6 += lut[g, codes[i + 6, g]]
+                a7 += lut[g, codes[i + 7, g]]
+            out[i] += a0
+            out[i + 1] += a1
+            out[i + 2] += a2
+            out[i + 3] += a3
+            out[i + 4] += a4
+            out[i + 5] += a5
+            out[i + 6] += a6
+            out[i + 7] += a7
+        for i in range(full, hi):
+            acc = np.float32(0.0)
+            for g in range(n_sub):
+                acc += lut[g, codes[i, g]]
+            out[i] += acc

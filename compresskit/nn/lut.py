@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 import torch
 from torch import nn
@@ -148,18 +147,22 @@ def lut_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None =
 
 
 def _gather(lut: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] += sum_g lut[g, codes[i, g]]``, in column tiles of at most ``K.LUT_TILE_BYTES`` of LUT
-    (inside the kernels: one parallel region per kernel, the rows split between the threads)."""
+    """``out[i] += sum_g lut[g, codes[i, g]]``, in column tiles of at most ``K.LUT_TILE_BYTES`` of LUT."""
     n_sub = codes.shape[1]
-    n_tasks = numba.get_num_threads()
     start = 0
     if codes.dtype == np.uint8 and n_sub >= 8:
         n_words = n_sub // 8
         words = codes[:, : n_words * 8].view(np.uint64)  # [rows, n_words]: 8 codes a word
-        K.gather_words(lut.reshape(-1)[: n_words * 8 * K.BYTE_K], words, out, max(1, K.LUT_TILE_BYTES // (8 * K.BYTE_K * 4)), n_tasks)
+        flat = lut.reshape(-1)
+        per_tile = max(1, K.LUT_TILE_BYTES // (8 * K.BYTE_K * 4))
+        for w0 in range(0, n_words, per_tile):
+            w1 = min(n_words, w0 + per_tile)
+            K.gather_words(flat[w0 * 8 * K.BYTE_K : w1 * 8 * K.BYTE_K], words[:, w0:w1], out)
         start = n_words * 8
-    if start < n_sub:
-        K.gather_codes(lut, codes, out, start, max(1, K.LUT_TILE_BYTES // (lut.shape[1] * 4)), n_tasks)
+    per_tile = max(1, K.LUT_TILE_BYTES // (lut.shape[1] * 4))
+    for g0 in range(start, n_sub, per_tile):
+        g1 = min(n_sub, g0 + per_tile)
+        K.gather_codes(lut[g0:g1], codes[:, g0:g1], out)
 
 
 class _LutForward:
