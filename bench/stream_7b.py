@@ -106,7 +106,7 @@ class Trace:
 
 def install_trace() -> Trace:
     """Wrap the steps a streamed walk takes (module attributes, looked up when called)."""
-    from compresskit.calib import codebook, estep, objectives, walk
+    from compresskit.calib import codebook, estep, walk
     from compresskit.registry import available_quantizers
     from compresskit.stream import driver
 
@@ -119,7 +119,7 @@ def install_trace() -> Trace:
     trace.wrap(estep, "e_step")
     for name in ("update_codebooks", "update_row_scales", "_e_step"):
         trace.wrap(codebook, name)
-    trace.wrap(objectives, "refine_layer") if hasattr(objectives, "refine_layer") else trace.wrap(codebook, "refine_layer")
+    trace.wrap(codebook, "refine_layer")  # fit_layer imports it from there when it runs
     for name in ("materialise", "write_tensors", "save_carry", "model_state"):
         trace.wrap(driver, name)
     from compresskit.quantizers import pq

@@ -56,18 +56,23 @@ class HessianAccumulator:
             banded_product(rows, rows, into=self.xtx_)
             self.n_samples_ += rows.shape[0]
             return self
-        return self.add_partial(*self.partial(x))
+        return self.add_partial(*self._whole_partial(rows))
 
     def partial(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """``(rows^T rows, number of rows)`` of inputs ``x``, computed as :meth:`add_batch` does but not
         added (``(None, 0)`` for no rows): a distributed walk adds every rank's partials in the
         calibration batches' order with :meth:`add_partial`, which reproduces ``add_batch`` exactly."""
         rows = self._rows(x)
+        if rows.shape[0] and self._bounded(rows):
+            return banded_product(rows, rows), rows.shape[0]
+        return self._whole_partial(rows)
+
+    @staticmethod
+    def _whole_partial(rows: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """``rows^T rows`` made whole and checked: for no rows, or values large enough to overflow it."""
         if rows.shape[0] == 0:
             return None, 0
-        if self._bounded(rows):
-            return banded_product(rows, rows), rows.shape[0]
-        batch = rows.T @ rows  # [n, n]: values large enough to overflow it, so it is checked whole
+        batch = rows.T @ rows  # [n, n]
         if not torch.isfinite(batch).all():
             raise CompressKitError(
                 "HessianAccumulator: this batch of inputs has NaN or infinite values; check the calibration data"

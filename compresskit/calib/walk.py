@@ -56,8 +56,12 @@ OriginalBlock = Callable[[str, nn.Module], Callable[[], ContextManager[nn.Module
 
 def keep_copy(block_name: str, block: nn.Module) -> Callable[[], ContextManager[nn.Module]]:
     """The default :data:`OriginalBlock`: a copy of the block kept in memory until the block is done."""
-    kept = copy.deepcopy(block)
-    return lambda: contextlib.nullcontext(kept)
+    return _opener(copy.deepcopy(block))
+
+
+def _opener(module: nn.Module) -> Callable[[], ContextManager[nn.Module]]:
+    """An opener that gives ``module`` itself."""
+    return lambda: contextlib.nullcontext(module)
 
 
 @dataclass
@@ -170,7 +174,7 @@ class Walk:
             # with sequential, later stages see this block's compressed layers, so the original
             # model's stream runs on a copy of the block kept aside
             if asym:
-                opener = self.original_block(block_name, block) if self.config.sequential else (lambda: contextlib.nullcontext(block))
+                opener = self.original_block(block_name, block) if self.config.sequential else _opener(block)
                 original = (opener, fp_calls)
             else:
                 original = None
@@ -357,7 +361,7 @@ class Walk:
         def sub(root, t: Target) -> nn.Module:
             return root.get_submodule(t.owner if whole_model else t.owner[len(block_name) + 1 :])
 
-        opener, fp_calls = original if original is not None else ((lambda: contextlib.nullcontext(block)), calls)
+        opener, fp_calls = original if original is not None else (_opener(block), calls)
         with opener() as fp_block:
             return self._statistics_on(block, fp_block, sub, targets, calls, fp_calls, original is not None, fp_tag, whole_model)
 

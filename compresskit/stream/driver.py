@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import copy
 import ctypes
+import functools
 import gc
 import os
 import shutil
@@ -186,7 +187,7 @@ def compress_streaming(
         for i in range(record["blocks_done"], stop):
             start = time.perf_counter()
             name = blocks[i]
-            template = templates[name] = copy.deepcopy(model.get_submodule(name))  # meta: costs nothing
+            templates[name] = copy.deepcopy(model.get_submodule(name))  # meta: costs nothing
             block = model.get_submodule(name)
             materialise(block, name + ".", weights)
             if state is not None:
@@ -214,7 +215,7 @@ def compress_streaming(
             _save_record(folder, record, dense_kept, notes)
             shutil.rmtree(folder / f"carry-{i}", ignore_errors=True)
             release(model, name, templates.pop(name))
-            del block, reports, tensors, template
+            del block, reports, tensors
             _free_memory()
             if on_block is not None:
                 on_block(i, name, timings[name])
@@ -292,7 +293,9 @@ def bound_heap() -> bool:
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
+@functools.cache
 def _glibc():
+    """The C library when it is glibc (loaded once), else None."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         for name in ("malloc_trim", "mallopt"):  # both must be there
