@@ -22,6 +22,7 @@ import contextlib
 import copy
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -52,6 +53,35 @@ class ChainState:
 # how the walk holds a block's uncompressed copy while its layers are compressed: called with the
 # block's name and the block (not yet compressed), it returns an opener whose context gives the copy
 OriginalBlock = Callable[[str, nn.Module], Callable[[], ContextManager[nn.Module]]]
+
+
+class StageFinder:
+    """Groups layers into stages (layers reading the same input tensor, in call order) as their forward
+    hooks see their inputs, the first time each layer runs.
+
+    It holds only weak references: an input is not kept alive for the rest of the pass (the MLP
+    down projection's input of one 8 x 512-token call is 180 MB at LLaMA-2-7B width). An input that
+    has been freed cannot be the tensor a later layer reads, so a dead reference never matches.
+    """
+
+    def __init__(self) -> None:
+        self.stages: list[list[str]] = []
+        self._inputs: list[weakref.ref] = []  # each stage's input tensor
+        self._seen: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._seen
+
+    def see(self, name: str, x: torch.Tensor) -> None:
+        if name in self._seen:
+            return
+        self._seen.add(name)
+        for stage, ref in zip(self.stages, self._inputs):
+            if ref() is x:
+                stage.append(name)
+                return
+        self.stages.append([name])
+        self._inputs.append(weakref.ref(x))
 
 
 def keep_copy(block_name: str, block: nn.Module) -> Callable[[], ContextManager[nn.Module]]:
@@ -242,10 +272,10 @@ class Walk:
     def _stages(self, block: nn.Module, block_name: str, targets: list[Target], calls: list[Call]) -> list[list[str]]:
         """``targets`` grouped into stages (layers reading the same input tensor, in execution order),
         from one forward pass on the first calibration call."""
-        first_inputs: dict[str, torch.Tensor] = {}
+        finder = StageFinder()
 
         def hook(name):
-            return lambda mod, args: first_inputs.setdefault(name, args[0])
+            return lambda mod, args: finder.see(name, args[0])
 
         handles = [block.get_submodule(t.owner[len(block_name) + 1 :]).register_forward_pre_hook(hook(t.name)) for t in targets]
         try:
@@ -254,14 +284,10 @@ class Walk:
         finally:
             for h in handles:
                 h.remove()
-        missing = [t.name for t in targets if t.name not in first_inputs]
+        missing = [t.name for t in targets if t.name not in finder]
         if missing:
             raise CompressKitError(f"calibration: layer {missing[0]} did not run in its block's forward pass")
-        stages: list[list[str]] = []
-        for name, x in first_inputs.items():
-            stage = next((s for s in stages if first_inputs[s[0]] is x), None)
-            stage.append(name) if stage is not None else stages.append([name])
-        return stages
+        return finder.stages
 
     def _compress_target(self, model: nn.Module, target: Target, stats: _Stats):
         """Fit ``target``'s quantizer with its statistics (towards its asymmetric target when ``stats``
@@ -373,7 +399,7 @@ class Walk:
         fp_modules = {n: (t, sub(fp_block, t)) for n, (t, _) in modules.items()} if dual else {}
         cross = {n: torch.zeros_like(a.xtx_) for n, a in accs.items()} if dual else {}
         stash: dict[str, torch.Tensor] = {}
-        first_inputs: dict[str, torch.Tensor] = {}  # batch 0's input tensor of each layer, in call order
+        finder = StageFinder()  # the stages, from the inputs each layer reads on its first call
         running_fp = [False]  # the hooks of both streams may sit on the same modules (fp_block is block)
         parts = StepPartials() if self.comm is not None else None
         # lock-step: in a distributed walk every rank takes part in each step's combination, with or without a batch
@@ -383,7 +409,7 @@ class Walk:
             def hook(mod, args):
                 if running_fp[0] and dual:
                     return
-                first_inputs.setdefault(name, args[0])
+                finder.see(name, args[0])
                 rows = layer_rows(mod, target.layout, args[0].detach())
                 if parts is not None:  # distributed: added in the global batch order after the step
                     parts.add(name, accs[name].partial(rows), banded_product(rows.float(), stash.pop(name).float()) if dual else None)
@@ -422,13 +448,10 @@ class Walk:
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in modules if n not in first_inputs]
+        missing = [n for n in modules if n not in finder]
         if missing:
             raise CompressKitError(f"calibration: layer {missing[0]} did not run in its block's forward pass")
-        stages: list[list[str]] = []
-        for name, x in first_inputs.items():
-            stage = next((s for s in stages if first_inputs[s[0]] is x), None)
-            stage.append(name) if stage is not None else stages.append([name])
+        stages = finder.stages
         if self.comm is not None:  # every rank walks rank 0's stages (the ones one process finds on batch 0)
             stages = self.comm.broadcast_object(stages, 0)
         # divided in place (the same values as a.hessian and cross / N): no second [n, n] per layer

@@ -115,6 +115,28 @@ def test_statistics_group_layers_that_read_one_input_into_stages_in_execution_or
     torch.testing.assert_close(stats.hessians["b.q"], h.T @ h / 8)
 
 
+def test_stage_finder_groups_by_the_tensor_read_and_keeps_no_input_alive():
+    import gc
+    import weakref
+
+    from compresskit.calib.walk import StageFinder
+
+    finder = StageFinder()
+    x = torch.randn(4, 3)
+    finder.see("q", x)
+    finder.see("k", x)
+    finder.see("q", torch.randn(4, 3))  # a layer's later calls do not move it
+    y = torch.randn(4, 3)
+    finder.see("o", y)
+    probe = weakref.ref(y)
+    del y
+    gc.collect()
+    assert probe() is None  # the finder did not hold it
+    finder.see("up", torch.randn(4, 3))  # a new tensor, even if it reuses the freed one's memory
+    assert finder.stages == [["q", "k"], ["o"], ["up"]]
+    assert "k" in finder and "down" not in finder
+
+
 @pytest.mark.parametrize("asymmetric", [False, True])
 def test_sequential_stages_see_the_compressed_earlier_layers(asymmetric):
     errors = {
