@@ -220,7 +220,16 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     for key, value in dense.items():
         if key in own and own[key].is_floating_point():
             dense[key] = value.to(own[key].dtype)
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    del tensors  # what is still needed is in dense and in the compressed tensors
+    # a skeleton on the meta device (load_compressed builds one) takes the read tensors themselves
+    empty = any(t.is_meta for t in own.values())
+    shared = _shared_parameters(model) if empty else []
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=empty)
+    for names in shared:  # assigning gave each name its own Parameter: one object again, as before
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
     skip = tuple(quantized_prefixes(model))
     missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:
@@ -228,11 +237,20 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _shared_parameters(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that more than one module holds (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
 def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool = False):
     """Rebuild a saved model with its adapter (the one recorded, or ``adapter_name``): returns
     ``(LoadedModel, adapter)``. ``lut``: serve token-by-token calls of codebook-compressed Linear
     layers with the lookup-table kernel (:func:`compresskit.nn.lut.enable_lut`, ``docs/inference.md``)."""
     from compresskit.adapters import get_adapter
+    from compresskit.stream.weights import empty_parameters
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -240,7 +258,9 @@ def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool
     if not name:
         raise CompressKitError(f"{path} records no adapter to rebuild the model; use compresskit.load(dir, model=your_skeleton)")
     adapter = get_adapter(name)()
-    loaded = adapter.load_architecture(path / ARCHITECTURE)
+    # parameters on the meta device: a compressed 7B model loads without its float32 skeleton (27 GB)
+    with empty_parameters():
+        loaded = adapter.load_architecture(path / ARCHITECTURE)
     load_into(loaded.model, path)
     if lut:
         from compresskit.nn.lut import enable_lut

@@ -115,7 +115,9 @@ def quantize_tensor(owner: nn.Module, attr: str, quantizer: Quantizer, layout: L
     expected = tuple(layout.to_rows(current).shape)
     if tuple(quantizer.shape_) != expected:
         raise CompressKitError(f"the quantizer was fitted on shape {tuple(quantizer.shape_)}, but {attr} is {expected} in this layout")
-    qt = QuantizedTensor(quantizer, layout, cache=cache, stored_dim=current.dim()).to(current.device)
+    qt = QuantizedTensor(quantizer, layout, cache=cache, stored_dim=current.dim())
+    if not current.is_meta:  # a skeleton built on the meta device keeps the state where it was read
+        qt = qt.to(current.device)
     _register(owner, attr, qt, current)
     return qt
 
@@ -129,6 +131,12 @@ def share_tensor(owner: nn.Module, attr: str, qt: QuantizedTensor) -> None:
 
 
 def _register(owner: nn.Module, attr: str, qt: QuantizedTensor, current: torch.Tensor) -> None:
+    if current.is_meta:  # a skeleton built on the meta device: the placeholder is real, where the state is
+        empty = torch.empty(0, dtype=current.dtype, device=qt.codes.device)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(empty, requires_grad=False)
+        else:
+            owner._buffers[attr] = empty
     qt._registered = False
     try:
         parametrize.register_parametrization(owner, attr, qt, unsafe=True)

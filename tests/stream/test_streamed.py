@@ -155,3 +155,29 @@ def test_load_with_the_lut_kernel_computes_the_same_tokens(llama_dir, tmp_path):
         a = plain.generate(ids, max_new_tokens=6, do_sample=False)
         b = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_compressed_model_loads_without_a_dense_skeleton(llama_dir, tmp_path, tied):
+    model_dir = llama_dir(tied)
+    compress_streaming(str(model_dir), tmp_path / "o", CompressConfig(method="rtn", bits=2), adapter=CausalLMAdapter())
+    built: list[torch.Tensor] = []
+    original = CausalLMAdapter.load_architecture
+
+    def spy(self, directory):  # what load_compressed builds before any tensor is read
+        loaded = original(self, directory)
+        built.extend(loaded.model.parameters())
+        return loaded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CausalLMAdapter, "load_architecture", spy)
+        model = io.load(tmp_path / "o")
+    assert built and all(p.is_meta for p in built)  # the skeleton held no float32 weights
+    tensors = list(model.state_dict().values()) + list(model.parameters()) + list(model.buffers())
+    assert not [t for t in tensors if t.is_meta]
+    if tied:  # one Parameter again, as transformers ties it
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    skeleton = CausalLMAdapter().load_architecture(tmp_path / "o" / io.ARCHITECTURE).model
+    ids = torch.arange(9).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, io.load(tmp_path / "o", model=skeleton)(input_ids=ids).logits)
