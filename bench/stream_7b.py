@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="fast", help="calibration preset, or none")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per block call (the walk's activations scale with it)")
     p.add_argument("--offload-dir", default=None, help="keep the calibration activations on disk here")
     p.add_argument("--max-blocks", type=int, default=None)
     p.add_argument("--resume", action="store_true")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(f"/tmp/stream-bench-{args.method}{args.bits}")
     calibration = None
     if args.preset != "none":
-        settings = {"n_samples": args.calib_samples, "options": {"seq_len": args.seq_len}}
+        settings = {"n_samples": args.calib_samples, "batch_size": args.batch_size, "options": {"seq_len": args.seq_len}}
         if args.offload_dir:
             settings["offload_dir"] = args.offload_dir
         calibration = CalibrationConfig.preset(args.preset).with_settings(settings)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     times = sorted(r["seconds"] for r in rows)
     summary = {
         "model": str(model_dir), "method": f"{args.method}:{args.bits}", "preset": args.preset, "threads": args.threads,
-        "calib": None if calibration is None else {"samples": args.calib_samples, "seq_len": args.seq_len, "offload": bool(args.offload_dir)},
+        "calib": None if calibration is None else {"samples": args.calib_samples, "batch_size": args.batch_size, "seq_len": args.seq_len, "offload": bool(args.offload_dir)},
         "blocks_run": len(rows), "blocks_total": n_blocks, "finished": result.finished, "resumed_from": result.resumed_from,
         "seconds": round(seconds, 1), "median_block_seconds": times[len(times) // 2] if times else math.nan,
         "rss_before_gib": round(baseline / GIB, 3), "peak_rss_gib": round(peak / GIB, 3),

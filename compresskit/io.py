@@ -20,6 +20,7 @@ half-written behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compresskit.errors import CompressKitError
-from compresskit.nn import owners_of, quantize_tensor, quantized_prefixes, quantized_tensors, share_tensor
+from compresskit.nn import QuantizedTensor, owners_of, quantize_tensor, quantized_prefixes, quantized_tensors, share_tensor
 from compresskit.registry import get_quantizer
 from compresskit.report import CompressionReport, unique_dense_tensors
 from compresskit.targets import Layout
@@ -186,8 +187,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_into(model: nn.Module, path: str | Path) -> nn.Module:
-    """Fill ``model`` (an uncompressed skeleton of the same architecture) from a saved directory."""
+def load_into(model: nn.Module, path: str | Path, cache: bool | None = None) -> nn.Module:
+    """Fill ``model`` (an uncompressed skeleton of the same architecture) from a saved directory.
+
+    ``cache``: keep each rebuilt dense tensor after its first use under ``torch.no_grad`` (fast
+    repeated calls, the dense model's memory) or rebuild it at every call (the compressed model's
+    memory). ``None``: cache when the dense float32 tensors take at most half of the memory this
+    machine has available now (a 7B model's 27 GB does not: it is rebuilt layer by layer).
+    """
     path = Path(path)
     manifest = read_manifest(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -197,6 +204,7 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         except Exception as err:  # safetensors raises several types for a damaged or missing file
             raise CompressKitError(f"{path / file} is unreadable: {err}") from None
     modules = dict(model.named_modules())
+    made: list[QuantizedTensor] = []
     for name, layer in manifest["layers"].items():
         meta = layer["quantizer"]
         prefix = f"{name}."
@@ -213,6 +221,11 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
             raise CompressKitError(f"{path}: target {name!r}: {err}; wrong architecture?") from None
         for o, a in holders[1:]:
             share_tensor(modules[o], a, qt)
+        made.append(qt)
+    if cache is None:
+        cache = dense_fits(sum(math.prod(qt.quantizer.shape_) for qt in made) * 4)
+    for qt in made:
+        qt.cache = cache
     dense = {k: v for k, v in tensors.items() if not _is_layer_state(k, manifest["layers"])}
     for name, twin in manifest.get("tied", {}).items():
         dense.setdefault(name, dense[twin])
@@ -237,6 +250,16 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def dense_fits(n_bytes: int) -> bool:
+    """Do ``n_bytes`` take at most half of the memory available now (``MemAvailable``)? True where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return n_bytes <= available // 2
+
+
 def _shared_parameters(model: nn.Module) -> list[list[str]]:
     """The names of each parameter that more than one module holds (tied embeddings)."""
     names: dict[int, list[str]] = {}
@@ -245,10 +268,11 @@ def _shared_parameters(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
-def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool = False):
+def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool = False, cache: bool | None = None):
     """Rebuild a saved model with its adapter (the one recorded, or ``adapter_name``): returns
     ``(LoadedModel, adapter)``. ``lut``: serve token-by-token calls of codebook-compressed Linear
-    layers with the lookup-table kernel (:func:`compresskit.nn.lut.enable_lut`, ``docs/inference.md``)."""
+    layers with the lookup-table kernel (:func:`compresskit.nn.lut.enable_lut`, ``docs/inference.md``).
+    ``cache``: as for :func:`load_into`."""
     from compresskit.adapters import get_adapter
     from compresskit.stream.weights import empty_parameters
 
@@ -261,7 +285,7 @@ def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool
     # parameters on the meta device: a compressed 7B model loads without its float32 skeleton (27 GB)
     with empty_parameters():
         loaded = adapter.load_architecture(path / ARCHITECTURE)
-    load_into(loaded.model, path)
+    load_into(loaded.model, path, cache=cache)
     if lut:
         from compresskit.nn.lut import enable_lut
 
@@ -271,21 +295,22 @@ def load_compressed(path: str | Path, adapter_name: str | None = None, lut: bool
     return loaded, adapter
 
 
-def load(path: str | Path, model: nn.Module | None = None, lut: bool = False) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, lut: bool = False, cache: bool | None = None) -> nn.Module:
     """Load a compressed model directory.
 
     With ``model`` (an uncompressed skeleton of the right architecture, e.g. your own module
     freshly constructed) the saved state is loaded into it; without, the adapter recorded in the
-    manifest rebuilds the architecture from the directory. ``lut``: as for :func:`load_compressed`.
+    manifest rebuilds the architecture from the directory. ``lut``: as for :func:`load_compressed`;
+    ``cache``: as for :func:`load_into`.
     """
     if model is not None:
-        model = load_into(model, path)
+        model = load_into(model, path, cache=cache)
         if lut:
             from compresskit.nn.lut import enable_lut
 
             enable_lut(model)
         return model
-    return load_compressed(path, lut=lut)[0].model
+    return load_compressed(path, lut=lut, cache=cache)[0].model
 
 
 def _is_layer_state(key: str, layers: dict[str, Any]) -> bool:

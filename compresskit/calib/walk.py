@@ -441,6 +441,7 @@ class Walk:
                             running_fp[0] = False
                             if fp_outs is not None:
                                 fp_outs.append(self.store.put(f"{fp_tag}{j}", out))
+                            del out  # not alive through the compressed stream's pass (a [B, T, D] block output)
                         if dual or fp_outs is None:
                             run_call(block, c, self.store)
                     if parts is not None:

@@ -18,6 +18,7 @@ from compresskit.calib.capture import Call
 from compresskit.calib.offload import ActivationStore, Ref
 from compresskit.calib.walk import ChainState
 from compresskit.errors import CompressKitError
+from compresskit.nn import quantized_tensors
 from compresskit.stream import compress_streaming
 from compresskit.stream.checkpoint import load_carry, partial_dir, save_carry
 
@@ -181,3 +182,22 @@ def test_a_compressed_model_loads_without_a_dense_skeleton(llama_dir, tmp_path, 
     ids = torch.arange(9).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, io.load(tmp_path / "o", model=skeleton)(input_ids=ids).logits)
+
+
+def test_rebuilt_weights_are_cached_only_where_they_fit(llama_dir, tmp_path, monkeypatch):
+    compress_streaming(str(llama_dir()), tmp_path / "o", CompressConfig(method="rtn", bits=2), adapter=CausalLMAdapter())
+    ids = torch.arange(7).unsqueeze(0)
+
+    def cached_after_a_call(model) -> list[bool]:
+        with torch.no_grad():
+            model(input_ids=ids)
+        return [qt._cache is not None for _, _, qt in quantized_tensors(model).values()]
+
+    assert all(cached_after_a_call(io.load(tmp_path / "o")))  # a tiny model fits: the default caches
+    assert not any(cached_after_a_call(io.load(tmp_path / "o", cache=False)))
+    assert io.dense_fits(1) and not io.dense_fits(2**60)
+    monkeypatch.setattr(io, "dense_fits", lambda n_bytes: False)  # as a 7B on a 24 GB machine
+    rebuilt = io.load(tmp_path / "o")
+    assert not any(cached_after_a_call(rebuilt))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, io.load(tmp_path / "o", cache=True)(input_ids=ids).logits)
