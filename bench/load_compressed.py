@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     model = compresskit.load(directory, lut=args.lut, cache={"auto": None, "on": True, "off": False}[args.cache])
     load_seconds = time.perf_counter() - start
     load_peak, after_load = sampler.take(), rss_bytes()
-    dense = sum(math.prod(qt.quantizer.shape_) for _, _, qt in compresskit.nn.quantized_tensors(model).values())
-    dense_fp32 = (dense + sum(t.numel() for n, t in model.state_dict().items() if not _state_of_a_target(n))) * 4
+    dense_fp32 = manifest["totals"]["total"]["n_weights"] * 4  # every weight once, as the size report counted them
     cached = any(qt.cache for _, _, qt in compresskit.nn.quantized_tensors(model).values())
     token_seconds, decode_peak = None, None
     if args.tokens:
@@ -74,11 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     json.dump(result, sys.stdout, indent=1)
     print()
-
-
-def _state_of_a_target(name: str) -> bool:
-    """A compressed tensor's own state or placeholder in ``state_dict`` (counted by its shape instead)."""
-    return ".parametrizations." in name
 
 
 if __name__ == "__main__":

@@ -33,9 +33,8 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
             out |= lanes[:, j] << np.uint8(nbits * j)
         return torch.from_numpy(out)
     bits = np.empty((flat.size, nbits), dtype=np.uint8)  # bit k of every code, one column at a time
-    wide = flat.astype(np.int64)
     for k in range(nbits):
-        bits[:, k] = (wide >> k) & 1
+        bits[:, k] = (flat >> k) & 1
     return torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="little"))
 
 
@@ -43,7 +42,6 @@ def unpack_codes(packed: torch.Tensor, nbits: int, shape: tuple[int, ...]) -> to
     """Inverse of :func:`pack_codes`: returns codes of ``shape`` in :func:`code_dtype` (nbits)."""
     numel = int(np.prod(shape)) if shape else 1
     raw = packed.reshape(-1).numpy()
-    dtype = code_dtype(nbits)
     if nbits == 8:
         return torch.from_numpy(raw[:numel].copy()).reshape(shape)
     if 8 % nbits == 0:
@@ -56,4 +54,4 @@ def unpack_codes(packed: torch.Tensor, nbits: int, shape: tuple[int, ...]) -> to
     values = np.zeros(numel, dtype=np.int32)
     for k in range(nbits):
         values |= bits[:, k].astype(np.int32) << k
-    return torch.from_numpy(values).to(dtype).reshape(shape)
+    return torch.from_numpy(values).to(code_dtype(nbits)).reshape(shape)
