@@ -75,6 +75,7 @@ def _render_gsplat(gaussians, camera: Camera, background: torch.Tensor, sh_degre
         sh_degree=sh_degree,
         backgrounds=background[None],
         rasterize_mode="classic",
+        packed=False,  # gsplat 1.5.3 checks packed backgrounds against no camera axis and fails
     )
     return RenderResult(image=colors[0].permute(2, 0, 1), alpha=alphas[0, ..., 0])
 
