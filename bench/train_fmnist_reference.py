@@ -222,7 +222,8 @@ def write_weights(trainer: Trainer, out: Path, final_loss: float | None) -> Path
         "num_classes": NUM_CLASSES, "null_class": NULL_CLASS, "image_shape": list(IMAGE_SHAPE), "prediction": "epsilon",
         "schedule": {"kind": "linear", "num_timesteps": trainer.diffusion.num_steps}, "variance": "fixed_small",
         "training": {"steps": trainer.step, "batch": a.batch, "lr": a.lr, "ema_decay": a.ema_decay, "seed": a.seed,
-                     "class_dropout": CLASS_DROPOUT, "final_loss": final_loss, "train_images": trainer.labels.numel()},
+                     "class_dropout": CLASS_DROPOUT, "final_loss": final_loss, "train_images": trainer.labels.numel(),
+                     "device": trainer.device.type},
     }
     if trainer.previous is not None:
         config["training"]["previous"] = trainer.previous
