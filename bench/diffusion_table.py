@@ -45,7 +45,7 @@ def calibration_for(method: str, args: argparse.Namespace):
         return CalibrationConfig.preset("fast", n_samples=args.calib_samples)
     if method == "pq+em":
         return CalibrationConfig.preset(
-            "fast", n_samples=args.calib_samples, m_objective="task", em_rounds=args.em_rounds, m_steps=args.m_steps,
+            "fast", n_samples=args.calib_samples, m_objective=args.m_objective, em_rounds=args.em_rounds, m_steps=args.m_steps,
             m_samples=args.m_samples, m_batch=args.m_batch, lr=args.lr,
         )
     return None
@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m-samples", type=int, default=256)
     p.add_argument("--m-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--m-objective", choices=("task", "distill"), default="task",
+                   help="pq+em's M-step loss: task (the DDPM loss against the true noise) or distill (against the uncompressed model's epsilon)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--save-dir", type=Path, help="also save each compressed model under this directory (<model>-<method><bits>)")
     p.add_argument("--out", type=Path, help="append one JSON line per configuration here")

@@ -93,6 +93,17 @@ class DiffusionAdapter(Adapter):
         """The DDPM loss: ``eps_mse(model(x, t, y), noise)``, exact and deterministic (the batch carries its noise)."""
         return ddpm.batch_loss(model, batch)
 
+    def distill_targets(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The uncompressed model's epsilon prediction on ``batch`` (float32 ``[B, C, H, W]``; the
+        variance channels of a learned-sigma model dropped): what ``m_objective="distill"`` trains the
+        compressed model to reproduce, instead of the noise the DDPM loss compares with."""
+        c = batch["x"].shape[1]
+        return model(batch["x"], batch["t"], batch["y"])[:, :c].float()
+
+    def distill_loss(self, model: nn.Module, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
+        """``eps_mse`` of ``model``'s epsilon prediction on ``batch`` against the teacher's (0 when equal)."""
+        return ddpm.eps_mse(model(batch["x"], batch["t"], batch["y"]), targets)
+
     def evaluate(self, loaded: LoadedModel, spec: EvalSpec) -> dict[str, float | str]:
         """``n_samples`` images sampled with ``steps`` respaced DDPM steps and guidance ``cfg_scale``
         (:func:`.metrics.evaluate_sampler`, seeded by ``spec.seed``), against as many test images:

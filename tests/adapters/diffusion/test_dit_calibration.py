@@ -85,6 +85,31 @@ def test_a_task_loss_em_round_lowers_the_ddpm_loss_of_the_walk(fmnist_dir):
     assert em != walk  # the round changed something (it is not skipped)
 
 
+def test_distillation_trains_towards_the_uncompressed_models_epsilon(fmnist_dir):
+    teacher = loaded()
+    batches = ADAPTER.calibration_batches(teacher, ADAPTER.calib_spec(n_samples=8))
+    b = batches[0]
+    with torch.no_grad():
+        target = ADAPTER.distill_targets(teacher.model, b)
+        assert target.shape == b["noise"].shape  # the epsilon channels only (this DiT learns sigma too)
+        assert torch.equal(target, teacher.model(b["x"], b["t"], b["y"])[:, :1])
+        assert ADAPTER.distill_loss(teacher.model, b, target).item() == 0.0
+    assert ADAPTER.supports("distill_loss")
+
+    def distance(model) -> float:
+        with torch.no_grad():
+            return sum(ADAPTER.distill_loss(model, b, ADAPTER.distill_targets(teacher.model, b)).item() for b in batches) / len(batches)
+
+    walk_only, with_round = loaded(), loaded()
+    compress(walk_only, CompressConfig(method="pq", bits=2), adapter=ADAPTER, calibration=CalibrationConfig.preset("fast", n_samples=8))
+    compress(
+        with_round, CompressConfig(method="pq", bits=2), adapter=ADAPTER,
+        calibration=CalibrationConfig(m_objective="distill", em_rounds=1, m_steps=3, n_samples=8),
+    )
+    walk, em = distance(walk_only.model), distance(with_round.model)
+    assert 0 < em < walk  # the round moved the compressed model towards the teacher, on the batches it trained on
+
+
 def test_zero_data_calibration_needs_no_dataset():
     model = loaded()
     noise = ADAPTER.noise_batches(model, ADAPTER.calib_spec(n_samples=4, seed=1))
