@@ -35,6 +35,7 @@ from compresskit.adapters.base import DataSpec, LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion import ddpm
 from compresskit.adapters.diffusion.adapter import _named, _read_json, read_weights
+from compresskit.adapters.diffusion.export import save_ldm_unet
 from compresskit.adapters.diffusion.family import DiffusionAdapter
 from compresskit.adapters.diffusion.ldm import LDMConfig, LDMUNet, config_from_shapes, looks_like_ldm, shipped_configs
 from compresskit.adapters.diffusion.unet import CONV_IN_REASON, CONV_OUT_REASON, LABEL_REASON, TIME_REASON
@@ -195,6 +196,15 @@ class LDMUNetAdapter(DiffusionAdapter):
         if not isinstance(loaded.model, LDMUNet):
             raise CompressKitError(f"the ldm-unet adapter cannot save the architecture of a {type(loaded.model).__name__}; use compresskit.load(dir, model=...)")
         (Path(directory) / ARCHITECTURE_FILE).write_text(json.dumps({"architecture": loaded.model.config.to_dict()}, indent=2))
+
+    def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
+        """The dequantized model as a checkpoint of its own layout, the compressed model untouched:
+        ``unet.safetensors`` (LDM's ``model.diffusion_model.*`` keys and class table for a model with
+        an LDM conditioning, else guided-diffusion's bare ``UNetModel`` keys) and its ``unet.json``
+        sidecar, so ``--model directory/unet.safetensors`` loads it again (:func:`.export.save_ldm_unet`)."""
+        if not isinstance(loaded.model, LDMUNet):
+            raise CompressKitError(f"the ldm-unet adapter cannot export a {type(loaded.model).__name__} dense; export the UNetModel it was loaded as")
+        save_ldm_unet(loaded.model, Path(directory), PREFIX, CLASS_TABLE)
 
     def load_architecture(self, directory: Path) -> LoadedModel:
         """A freshly initialised float32 model of the saved config (compresskit then loads the weights)."""

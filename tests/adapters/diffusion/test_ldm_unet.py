@@ -192,6 +192,32 @@ def test_save_then_load_round_trips(tmp_path):
         torch.testing.assert_close(again(**kw), loaded.model(**kw), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fields", [CLASS, TEXT, CIN], ids=["label_emb", "text", "classembedder"])
+def test_dense_export_is_a_checkpoint_of_the_layout_that_loads_back(fields, tmp_path):
+    from safetensors.torch import load_file
+
+    loaded = _file(fields, tmp_path)
+    compresskit.compress(loaded, CompressConfig(method="rtn", bits=2), adapter=ADAPTER)
+    (), kw = ADAPTER.example_inputs(loaded)
+    with torch.no_grad():
+        want = loaded.model(**kw)
+    out = tmp_path / "dense"
+    out.mkdir()
+    ADAPTER.export_dense(loaded, out)
+    keys = set(load_file(str(out / "unet.safetensors")))
+    bare = set(tiny(fields).state_dict())
+    if fields is CLASS:  # guided-diffusion: the bare UNetModel state dict
+        assert keys == bare
+    else:  # LDM: under model.diffusion_model., the ClassEmbedder table under LDM's own name
+        table = {"cond_stage_model.embedding.weight"} if fields is CIN else set()
+        assert keys == {"model.diffusion_model." + k for k in bare - {"context_embed.weight"}} | table
+    assert set(quantized_tensors(loaded.model))  # the compressed model is left compressed
+    again = ADAPTER.load(str(out / "unet.safetensors"))
+    assert not set(quantized_tensors(again.model))
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(**kw), want, rtol=0, atol=0)
+
+
 def test_ddpm_side_is_class_conditional_only():
     from compresskit.adapters.base import LoadedModel
 
