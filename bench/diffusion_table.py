@@ -87,6 +87,14 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
     return row
 
 
+def label(row: dict) -> str:
+    """The row's method, with the M-step's objective and steps for ``pq+em`` (they vary between rows)."""
+    calibration = row.get("calibration") or {}
+    if row["method"] == "pq+em" and calibration.get("m_objective"):
+        return f"pq+em ({calibration['m_objective']}, {calibration['m_steps']} steps)"
+    return row["method"]
+
+
 def table(paths: list[str]) -> None:
     """A markdown table of the rows in ``paths``, with each model's FP row as the ``x FP`` reference."""
     rows = [json.loads(line) for p in paths for line in open(p, encoding="utf-8") if line.strip()]
@@ -98,7 +106,7 @@ def table(paths: list[str]) -> None:
         ratio = lambda k: f"{r[k] / ref[k]:.2f}" if ref.get(k) and r.get(k) is not None else "-"  # noqa: E731
         effnet = f"{r['fid_effnet']:.2f}" if "fid_effnet" in r else "-"
         print(
-            f"| {r['model']} | {r['method']} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['size_mb']:.3f} | "
+            f"| {r['model']} | {label(r)} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['size_mb']:.3f} | "
             f"{r['fid']:.2f} | {ratio('fid')} | {effnet} | {ratio('fid_effnet')} | {r['is']:.2f} | {r['seconds_compress']:.0f} | {r['seconds_eval']:.0f} |"
         )
 
