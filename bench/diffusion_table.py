@@ -88,10 +88,10 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
 
 
 def label(row: dict) -> str:
-    """The row's method, with the M-step's objective and steps for ``pq+em`` (they vary between rows)."""
+    """The row's method, with the M-step's objective, steps and images for ``pq+em`` (they vary between rows)."""
     calibration = row.get("calibration") or {}
     if row["method"] == "pq+em" and calibration.get("m_objective"):
-        return f"pq+em ({calibration['m_objective']}, {calibration['m_steps']} steps)"
+        return f"pq+em ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images)"
     return row["method"]
 
 
