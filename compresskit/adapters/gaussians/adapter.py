@@ -67,6 +67,11 @@ class GaussianSplatAdapter(Adapter):
         ("gaussians.opacities", {"method": "rtn", "bits": 8}, "opacity is one scalar per Gaussian: scalar quantization, 8 bits"),
         ("gaussians.means", {"method": "rtn", "bits": 16}, "positions: 16-bit uniform per coordinate (finer than float16 in a bounded scene)"),
     )
+    method_defaults = {
+        "pq": ({"pool": False}, "DPQ's shared pool is sized for wide weight matrices; on the 3- and 4-wide attributes of the reference "
+               "scene it cost 2.8 dB more than per-subspace codebooks at 1 bit (docs/BENCHMARKS.md), so the family keeps it "
+               "off; --param pool=true for the paper's layout"),
+    }
     calib_options = {"calib_size": Option(64, "longest image side in pixels of the calibration renders")}
     eval_options = {"eval_size": Option(96, "longest image side in pixels of the evaluation renders")}
     loss_keys = ("target",)

@@ -167,3 +167,12 @@ def test_too_many_calibration_views_is_one_clear_error(ply):
     loaded = adapter.load(str(ply))
     with pytest.raises(CompressKitError, match="calibration cameras"):
         adapter.calibration_batches(loaded, adapter.calib_spec(n_samples=500))
+
+
+def test_pq_runs_without_the_pool_unless_asked(ply):
+    adapter = GaussianSplatAdapter()
+    pq_params = lambda report: {r.name: r.params.get("pool") for r in report.layers if r.method == "pq"}  # noqa: E731
+    plain = pq_params(compresskit.compress(adapter.load(str(ply)), CompressConfig(method="pq", bits=1), adapter=adapter))
+    assert plain and set(plain.values()) == {False}  # the family's default: no pool on the narrow attributes
+    asked = compresskit.compress(adapter.load(str(ply)), CompressConfig(method="pq", bits=1, method_defaults={"pq": {"pool": True}}), adapter=adapter)
+    assert set(pq_params(asked).values()) == {True}  # --param pool=true wins
