@@ -38,6 +38,7 @@ from compresskit.adapters.gaussians.views import scene_views
 
 REF_SCENE = Path(gaussians_package.__file__).resolve().parent / "data" / "ref_scene.ply"
 ATTRIBUTES = ("means", "f_dc", "f_rest", "opacities", "scales", "quats")
+DEVICE = {"cpu": "cpu", "gsplat": "cuda", "torch-cuda": "cuda"}  # where each back end runs
 
 
 def leaves(scene: GaussianScene, device: str) -> SimpleNamespace:
@@ -90,8 +91,8 @@ def main() -> None:
     scene = GaussianScene.load(args.scene)
     views = scene_views(args.scene, scene.means)
     cameras = list(views.evaluation) + list(views.calibration)
-    bg_cpu, bg_cuda = torch.zeros(3), torch.zeros(3, device="cuda")
-    g_cpu, g_cuda = leaves(scene, "cpu"), leaves(scene, "cuda")
+    background = {d: torch.zeros(3, device=d) for d in ("cpu", "cuda")}
+    unperturbed = {d: leaves(scene, d) for d in ("cpu", "cuda")}
     emit({"scene": str(args.scene.name), "gaussians": scene.num_gaussians, "sh_degree": scene.sh_degree,
           "views": len(cameras), "size": [cameras[0].width, cameras[0].height], "gsplat": gsplat.__version__,
           "torch": torch.__version__, "device": torch.cuda.get_device_name()})
@@ -101,10 +102,10 @@ def main() -> None:
     targets = []
     with torch.no_grad():
         for i, cam in enumerate(cameras):
-            ref_img, ref_alpha = one_view(g_cpu, cam, "cpu", bg_cpu)
+            ref_img, ref_alpha = one_view(unperturbed["cpu"], cam, "cpu", background["cpu"])
             targets.append(ref_img)
             for backend in per_backend:
-                img, alpha = one_view(g_cuda, cam, backend, bg_cuda)
+                img, alpha = one_view(unperturbed["cuda"], cam, backend, background["cuda"])
                 img, alpha = img.cpu(), alpha.cpu()
                 rec = {"view": i, "backend": backend, "psnr_vs_cpu": float(psnr(img, ref_img)),
                        "max_abs": float((img - ref_img).abs().max()), "alpha_max_abs": float((alpha - ref_alpha).abs().max())}
@@ -129,12 +130,11 @@ def main() -> None:
         return g
 
     grads = {}
-    for backend in ("cpu", "gsplat", "torch-cuda"):
-        device = "cpu" if backend == "cpu" else "cuda"
+    for backend, device in DEVICE.items():
         g = perturbed(device)
         loss = 0.0
         for cam, target in zip(cameras[:8], targets[:8]):
-            img, _ = one_view(g, cam, backend, bg_cpu if device == "cpu" else bg_cuda)
+            img, _ = one_view(g, cam, backend, background[device])
             loss = loss + render_loss(img[None], target.to(device)[None])
         loss.backward()
         grads[backend] = {a: getattr(g, a).grad.detach().cpu().flatten() for a in ATTRIBUTES}
@@ -145,10 +145,8 @@ def main() -> None:
 
     # ---- speed --------------------------------------------------------------------------------------
     cam = cameras[0]
-    for backend in ("cpu", "gsplat", "torch-cuda"):
-        device = "cpu" if backend == "cpu" else "cuda"
-        g = g_cpu if device == "cpu" else g_cuda
-        bg = bg_cpu if device == "cpu" else bg_cuda
+    for backend, device in DEVICE.items():
+        g, bg = unperturbed[device], background[device]
 
         def forward():
             with torch.no_grad():

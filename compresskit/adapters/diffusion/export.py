@@ -37,32 +37,16 @@ def save_diffusers(compressed: nn.Module, directory: Path) -> None:
     dense_copy(compressed, fresh).save_pretrained(str(directory), safe_serialization=True)
 
 
+def save_with_sidecar(state: dict[str, torch.Tensor], path: Path, architecture: dict) -> Path:
+    """``state`` as safetensors at ``path`` and ``{"architecture": architecture}`` as the ``.json``
+    beside it (the sidecar the dit and ldm-unet adapters read); returns ``path``."""
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"architecture": architecture}, indent=2))
+    return path
+
+
 def save_original_dit(compressed: nn.Module, directory: Path) -> Path:
     """``dit.safetensors`` (the original layout's key names) and ``dit.json`` (``{"architecture": DiTConfig}``)
     of a dense copy of ``compressed``, an original-layout :class:`~.dit.DiT`; returns the weights' path."""
     fresh = dense_copy(compressed, type(compressed)(compressed.config))
-    path = Path(directory) / ORIGINAL_WEIGHTS
-    save_file({k: v.contiguous() for k, v in fresh.state_dict().items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps({"architecture": compressed.config.to_dict()}, indent=2))
-    return path
-
-
-def save_ldm_unet(compressed: nn.Module, directory: Path, prefix: str, class_table: dict[str, str]) -> Path:
-    """``unet.safetensors`` and its ``unet.json`` sidecar (``{"architecture": LDMConfig}``) of a dense
-    copy of ``compressed``, an :class:`~.ldm.LDMUNet`; returns the weights' path.
-
-    A model that reads an LDM conditioning (a ClassEmbedder table or cross-attention) is written as an
-    LDM checkpoint writes it: every ``UNetModel`` key under ``prefix`` (``model.diffusion_model.``),
-    the class table under LDM's own name (``class_table``: LDM's key -> ours), so a LatentDiffusion
-    ``load_state_dict(..., strict=False)`` takes it. Any other (guided-diffusion's ``label_emb`` or
-    unconditional) is the bare ``UNetModel`` state dict that guided-diffusion loads."""
-    fresh = dense_copy(compressed, type(compressed)(compressed.config))
-    state = {k: v.contiguous() for k, v in fresh.state_dict().items()}
-    config = compressed.config
-    if config.context_classes is not None or config.context_dim is not None:
-        ours_to_ldm = {ours: theirs for theirs, ours in class_table.items()}
-        state = {ours_to_ldm.get(k, prefix + k): v for k, v in state.items()}
-    path = Path(directory) / "unet.safetensors"
-    save_file(state, str(path))
-    path.with_suffix(".json").write_text(json.dumps({"architecture": config.to_dict()}, indent=2))
-    return path
+    return save_with_sidecar(fresh.state_dict(), Path(directory) / ORIGINAL_WEIGHTS, compressed.config.to_dict())

@@ -35,13 +35,14 @@ from compresskit.adapters.base import DataSpec, LoadedModel, register_adapter
 from compresskit.adapters.diffusion import data as fmnist
 from compresskit.adapters.diffusion import ddpm
 from compresskit.adapters.diffusion.adapter import _named, _read_json, read_weights
-from compresskit.adapters.diffusion.export import save_ldm_unet
+from compresskit.adapters.diffusion.export import dense_copy, save_with_sidecar
 from compresskit.adapters.diffusion.family import DiffusionAdapter
 from compresskit.adapters.diffusion.ldm import LDMConfig, LDMUNet, config_from_shapes, looks_like_ldm, shipped_configs
 from compresskit.adapters.diffusion.unet import CONV_IN_REASON, CONV_OUT_REASON, LABEL_REASON, TIME_REASON
 from compresskit.errors import CompressKitError
 
 ARCHITECTURE_FILE = "ldm.json"
+DENSE_WEIGHTS = "unet.safetensors"  # what --export dense writes, with its unet.json sidecar
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
 PREFIX = "model.diffusion_model."  # where LatentDiffusion keeps its UNetModel
 CLASS_TABLE = {"cond_stage_model.embedding.weight": "context_embed.weight"}  # LDM's ClassEmbedder, carried along
@@ -56,6 +57,17 @@ def unet_state(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     out = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     out.update({ours: state[theirs] for theirs, ours in CLASS_TABLE.items() if theirs in state})
     return out
+
+
+def checkpoint_state(state: dict[str, torch.Tensor], config: LDMConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`unet_state`: our ``LDMUNet`` tensors under the names a checkpoint of the
+    model's codebase holds. With an LDM conditioning (a ClassEmbedder table or cross-attention), an LDM
+    checkpoint's: ``model.diffusion_model.*`` and the class table under LDM's own name; otherwise
+    (guided-diffusion's ``label_emb``, or unconditional) the bare ``UNetModel`` keys."""
+    if config.context_classes is None and config.context_dim is None:
+        return dict(state)
+    ldm_name = {ours: theirs for theirs, ours in CLASS_TABLE.items()}
+    return {ldm_name.get(k, PREFIX + k): v for k, v in state.items()}
 
 
 def _config(model: nn.Module) -> LDMConfig:
@@ -201,10 +213,12 @@ class LDMUNetAdapter(DiffusionAdapter):
         """The dequantized model as a checkpoint of its own layout, the compressed model untouched:
         ``unet.safetensors`` (LDM's ``model.diffusion_model.*`` keys and class table for a model with
         an LDM conditioning, else guided-diffusion's bare ``UNetModel`` keys) and its ``unet.json``
-        sidecar, so ``--model directory/unet.safetensors`` loads it again (:func:`.export.save_ldm_unet`)."""
-        if not isinstance(loaded.model, LDMUNet):
-            raise CompressKitError(f"the ldm-unet adapter cannot export a {type(loaded.model).__name__} dense; export the UNetModel it was loaded as")
-        save_ldm_unet(loaded.model, Path(directory), PREFIX, CLASS_TABLE)
+        sidecar, so ``--model directory/unet.safetensors`` loads it again (:func:`checkpoint_state`)."""
+        model = loaded.model
+        if not isinstance(model, LDMUNet):
+            raise CompressKitError(f"the ldm-unet adapter cannot export a {type(model).__name__} dense; export the UNetModel it was loaded as")
+        fresh = dense_copy(model, LDMUNet(model.config))
+        save_with_sidecar(checkpoint_state(fresh.state_dict(), model.config), Path(directory) / DENSE_WEIGHTS, model.config.to_dict())
 
     def load_architecture(self, directory: Path) -> LoadedModel:
         """A freshly initialised float32 model of the saved config (compresskit then loads the weights)."""
