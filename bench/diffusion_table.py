@@ -18,7 +18,9 @@ What each method row gets (``--methods``, default all):
 * ``pq+em``: DPQ's calibration: the ``fast`` block walk (activation-aware E-step, layer-wise
   centroid rounds) and then ``--em-rounds`` whole-model EM rounds whose M-step trains the codebooks
   with the DDPM loss (``m_objective="task"``) on ``--m-samples`` timestep-sampled images with class
-  dropout 0.1, dead centroids re-initialised, and an E-step after it.
+  dropout 0.1, dead centroids re-initialised, and an E-step after it;
+* ``pq+best``: ``--preset best`` as the family runs it (``adapter.calibration_preset("best")``, the
+  ``--em-*`` / ``--m-*`` flags ignored), so the preset itself is what is measured.
 
 ``seconds_compress`` is the wall time of ``compress`` (calibration included); ``seconds_eval`` the
 sampling and scoring. Figures are from whatever machine runs it: report medians of repeated runs
@@ -34,13 +36,15 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("rtn", "gptq", "vq", "pq", "pq+em")
+METHODS = ("rtn", "gptq", "vq", "pq", "pq+em", "pq+best")
 
 
-def calibration_for(method: str, args: argparse.Namespace):
+def calibration_for(method: str, args: argparse.Namespace, adapter):
     """The :class:`CalibrationConfig` of ``method``'s row (``None``: from the weights alone)."""
     from compresskit import CalibrationConfig
 
+    if method == "pq+best":
+        return adapter.calibration_preset("best")
     if method == "gptq":
         return CalibrationConfig.preset("fast", n_samples=args.calib_samples)
     if method == "pq+em":
@@ -51,21 +55,21 @@ def calibration_for(method: str, args: argparse.Namespace):
     return None
 
 
-def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace) -> dict:
+def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace) -> list[dict]:
+    """Compress ``model`` once with ``method`` at ``bits`` and evaluate it with each of ``--eval-seeds``: one row per seed."""
     from compresskit import CompressConfig, compress
     from compresskit.adapters import adapter_for
 
     adapter = adapter_for(model)()
     loaded = adapter.load(model)
-    spec = adapter.eval_spec(options={"n_samples": args.n_samples, "steps": args.steps, "effnet": not args.no_effnet})
     row: dict = {"model": model, "method": method, "bits": bits, "n_samples": args.n_samples, "steps": args.steps}
     t0 = time.perf_counter()
     if method == "fp":
         n = sum(p.numel() for p in loaded.model.parameters())
         row.update(size_mb=n * 2 / 1e6, bits_per_weight_all_in=16.0, bits_per_weight_layers=16.0, calibration={})
     else:
-        calibration = calibration_for(method, args)
-        base = "pq" if method == "pq+em" else method
+        calibration = calibration_for(method, args, adapter)
+        base = method.split("+")[0]
         report = compress(loaded, CompressConfig(method=base, bits=bits), adapter=adapter, calibration=calibration)
         d = report.to_dict()
         if args.save_dir is not None:  # the compressed model, for `compresskit sample --compare` grids
@@ -81,32 +85,40 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
             n_layers=d["n_layers_compressed"], calibration=d["calibration"],
         )
     row["seconds_compress"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    row.update(adapter.evaluate(loaded, spec))
-    row["seconds_eval"] = time.perf_counter() - t1
-    return row
+    rows = []
+    for seed in args.eval_seeds:
+        spec = adapter.eval_spec(seed=seed, options={"n_samples": args.n_samples, "steps": args.steps, "effnet": not args.no_effnet})
+        t1 = time.perf_counter()
+        rows.append({**row, "eval_seed": seed, **adapter.evaluate(loaded, spec), "seconds_eval": time.perf_counter() - t1})
+    return rows
 
 
 def label(row: dict) -> str:
     """The row's method, with the M-step's objective, steps and images for ``pq+em`` (they vary between rows)."""
     calibration = row.get("calibration") or {}
-    if row["method"] == "pq+em" and calibration.get("m_objective"):
-        return f"pq+em ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images)"
+    if row["method"] in ("pq+em", "pq+best") and calibration.get("m_objective"):
+        return f"{row['method']} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images)"
     return row["method"]
 
 
+def reference_key(row: dict) -> tuple:
+    """What an FP row must share with a row to be its reference: model, sampling seed, samples, steps."""
+    return row["model"], row.get("eval_seed", 0), row["n_samples"], row["steps"]
+
+
 def table(paths: list[str]) -> None:
-    """A markdown table of the rows in ``paths``, with each model's FP row as the ``x FP`` reference."""
+    """A markdown table of the rows in ``paths``. The ``x FP`` reference of a row is the FP row of the
+    same model, sampling seed (``eval_seed``, 0 in rows from before it was recorded), sample count and steps."""
     rows = [json.loads(line) for p in paths for line in open(p, encoding="utf-8") if line.strip()]
-    fp = {r["model"]: r for r in rows if r["method"] == "fp"}
-    print("| model | method | bits | bits/weight (layers) | size MB | fid | x FP | fid_effnet | x FP | is | compress s | eval s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fp = {reference_key(r): r for r in rows if r["method"] == "fp"}
+    print("| model | method | bits | seed | bits/weight (layers) | size MB | fid | x FP | fid_effnet | x FP | is | compress s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = fp.get(r["model"], {})
+        ref = fp.get(reference_key(r), {})
         ratio = lambda k: f"{r[k] / ref[k]:.2f}" if ref.get(k) and r.get(k) is not None else "-"  # noqa: E731
         effnet = f"{r['fid_effnet']:.2f}" if "fid_effnet" in r else "-"
         print(
-            f"| {r['model']} | {label(r)} | {r['bits'] or '-'} | {r['bits_per_weight_layers']:.3f} | {r['size_mb']:.3f} | "
+            f"| {r['model']} | {label(r)} | {r['bits'] or '-'} | {r.get('eval_seed', 0)} | {r['bits_per_weight_layers']:.3f} | {r['size_mb']:.3f} | "
             f"{r['fid']:.2f} | {ratio('fid')} | {effnet} | {ratio('fid_effnet')} | {r['is']:.2f} | {r['seconds_compress']:.0f} | {r['seconds_eval']:.0f} |"
         )
 
@@ -118,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bits", default="4,2,1")
     p.add_argument("--n-samples", type=int, default=500, help="generated images per row, scored against as many test images")
     p.add_argument("--steps", type=int, default=50, help="respaced DDPM sampling steps")
+    p.add_argument("--eval-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                   help="comma-separated sampling seeds; each compressed model is evaluated once per seed (rows carry eval_seed)")
     p.add_argument("--no-effnet", action="store_true", help="skip fid_effnet (EfficientNet-Lite0 at 224 px is the slow part)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--em-rounds", type=int, default=1)
@@ -146,12 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from fp, {', '.join(METHODS)}")
     for method in methods:
         for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
-            row = run_one(args.model, method, bits, args)
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+            for row in run_one(args.model, method, bits, args):
+                line = json.dumps(row)
+                print(line, flush=True)
+                if args.out:
+                    with open(args.out, "a", encoding="utf-8") as f:
+                        f.write(line + "\n")
 
 
 if __name__ == "__main__":

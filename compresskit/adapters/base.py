@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from compresskit.calib.config import CalibrationConfig
 from compresskit.errors import CompressKitError
 from compresskit.registry import Registry
 from compresskit.targets import Layout
@@ -86,7 +87,8 @@ class Adapter(ABC):
     compressed; ``target_methods`` ``(fnmatch pattern, {"method": ..., "bits": ..., **params}, reason)``
     for targets the family compresses with their own method whatever the user's (a 3DGS scene's
     opacities: scalar), applied before the user's overrides, which win; ``method_defaults`` ``{method: ({param: value}, why)}`` quantizer parameters the family
-    uses unless the user sets them; ``primary_metric`` the key of :meth:`evaluate`'s result that ranks
+    uses unless the user sets them; ``preset_settings`` ``{preset: ({setting: value}, why)}`` calibration
+    settings a named preset takes on this family (:meth:`calibration_preset`), under the user's; ``primary_metric`` the key of :meth:`evaluate`'s result that ranks
     models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options.
 
     Required: :meth:`load`, :meth:`calibration_batches`, :meth:`evaluate`. Everything else is optional
@@ -98,6 +100,7 @@ class Adapter(ABC):
     keep_dense: ClassVar[tuple[tuple[str, str], ...]] = ()
     target_methods: ClassVar[tuple[tuple[str, dict[str, Any], str], ...]] = ()
     method_defaults: ClassVar[dict[str, tuple[dict[str, Any], str]]] = {}
+    preset_settings: ClassVar[dict[str, tuple[dict[str, Any], str]]] = {}
     primary_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = False
     calib_options: ClassVar[dict[str, Option]] = {}
@@ -187,6 +190,13 @@ class Adapter(ABC):
         """``spec.options[key]``, or this adapter's declared default when the spec was built without it."""
         declared = self.calib_options if isinstance(spec, DataSpec) else self.eval_options
         return spec.options.get(key, declared[key].default)
+
+    def calibration_preset(self, name: str, **overrides: Any) -> CalibrationConfig:
+        """The calibration preset ``name`` as this family runs it: the shared recipe
+        (:meth:`CalibrationConfig.preset`), this family's ``preset_settings[name]`` on top, then
+        ``overrides``; validated. What the CLI's ``--preset`` resolves to."""
+        family, _ = self.preset_settings.get(name, ({}, ""))
+        return CalibrationConfig.preset(name, **{**family, **overrides})
 
     def supports(self, feature: str) -> bool:
         """Does this adapter implement the optional method ``feature`` (e.g. ``"distill_loss"``)?"""

@@ -78,7 +78,6 @@ def pick_adapter(spec: str | None, name: str | None):
 def build_configs(req: QuantizeRequest, adapter):
     """``(CompressConfig, CalibrationConfig or None, EvalSpec or None)`` for a request: the only place
     the CLI turns strings into the library's typed objects."""
-    from compresskit.calib.config import CalibrationConfig
     from compresskit.config import CompressConfig
     from compresskit.rewrite import parse_override
 
@@ -106,7 +105,7 @@ def build_configs(req: QuantizeRequest, adapter):
             settings["n_samples"] = req.calib_samples
         if calib_options:
             settings["options"] = calib_options
-        calibration = CalibrationConfig.preset(req.preset).with_settings(settings)
+        calibration = adapter.calibration_preset(req.preset).with_settings(settings)
         adapter.calib_spec(calibration.source, calibration.n_samples, calibration.seed, calibration.options)  # validate now
     eval_spec = None
     if req.evaluate:
