@@ -19,8 +19,11 @@ What each method row gets (``--methods``, default all):
   centroid rounds) and then ``--em-rounds`` whole-model EM rounds whose M-step trains the codebooks
   with the DDPM loss (``m_objective="task"``) on ``--m-samples`` timestep-sampled images with class
   dropout 0.1, dead centroids re-initialised, and an E-step after it;
-* ``pq+best``: ``--preset best`` as the family runs it (``adapter.calibration_preset("best")``, the
-  ``--em-*`` / ``--m-*`` flags ignored), so the preset itself is what is measured.
+* ``pq+fast``, ``pq+best``, ``pq+zero-data``: pq with that preset as the family runs it
+  (``adapter.calibration_preset(name)``, the ``--em-*`` / ``--m-*`` / ``--calib-samples`` flags
+  ignored), so the preset itself is what is measured.
+
+``--params '{"pool": false}'`` passes quantizer parameters to every row's method.
 
 ``seconds_compress`` is the wall time of ``compress`` (calibration included); ``seconds_eval`` the
 sampling and scoring. Figures are from whatever machine runs it: report medians of repeated runs
@@ -36,15 +39,16 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("rtn", "gptq", "vq", "pq", "pq+em", "pq+best")
+METHODS = ("rtn", "gptq", "vq", "pq", "pq+em", "pq+fast", "pq+best")
+PRESET_ROWS = ("pq+fast", "pq+best", "pq+zero-data")  # pq with a named preset, as the family runs it
 
 
 def calibration_for(method: str, args: argparse.Namespace, adapter):
     """The :class:`CalibrationConfig` of ``method``'s row (``None``: from the weights alone)."""
     from compresskit import CalibrationConfig
 
-    if method == "pq+best":
-        return adapter.calibration_preset("best")
+    if method in PRESET_ROWS:
+        return adapter.calibration_preset(method.split("+", 1)[1])
     if method == "gptq":
         return CalibrationConfig.preset("fast", n_samples=args.calib_samples)
     if method == "pq+em":
@@ -62,7 +66,7 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
 
     adapter = adapter_for(model)()
     loaded = adapter.load(model)
-    row: dict = {"model": model, "method": method, "bits": bits, "n_samples": args.n_samples, "steps": args.steps}
+    row: dict = {"model": model, "method": method, "bits": bits, "n_samples": args.n_samples, "steps": args.steps, "params": args.params}
     t0 = time.perf_counter()
     if method == "fp":
         n = sum(p.numel() for p in loaded.model.parameters())
@@ -70,7 +74,7 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
     else:
         calibration = calibration_for(method, args, adapter)
         base = method.split("+")[0]
-        report = compress(loaded, CompressConfig(method=base, bits=bits), adapter=adapter, calibration=calibration)
+        report = compress(loaded, CompressConfig(method=base, bits=bits, params=args.params), adapter=adapter, calibration=calibration)
         d = report.to_dict()
         if args.save_dir is not None:  # the compressed model, for `compresskit sample --compare` grids
             from compresskit import io
@@ -96,9 +100,10 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
 def label(row: dict) -> str:
     """The row's method, with the M-step's objective, steps and images for ``pq+em`` (they vary between rows)."""
     calibration = row.get("calibration") or {}
-    if row["method"] in ("pq+em", "pq+best") and calibration.get("m_objective"):
-        return f"{row['method']} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images)"
-    return row["method"]
+    name = row["method"] + "".join(f" {k}={v}" for k, v in (row.get("params") or {}).items())
+    if row["method"] in ("pq+em", *PRESET_ROWS) and calibration.get("m_objective"):
+        return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images)"
+    return name
 
 
 def reference_key(row: dict) -> tuple:
@@ -130,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bits", default="4,2,1")
     p.add_argument("--n-samples", type=int, default=500, help="generated images per row, scored against as many test images")
     p.add_argument("--steps", type=int, default=50, help="respaced DDPM sampling steps")
+    p.add_argument("--params", type=json.loads, default={}, help="quantizer parameters for every row's method, as JSON")
     p.add_argument("--eval-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                    help="comma-separated sampling seeds; each compressed model is evaluated once per seed (rows carry eval_seed)")
     p.add_argument("--no-effnet", action="store_true", help="skip fid_effnet (EfficientNet-Lite0 at 224 px is the slow part)")
@@ -155,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
-    unknown = sorted(set(methods) - {"fp", *METHODS})
+    unknown = sorted(set(methods) - {"fp", *METHODS, *PRESET_ROWS})
     if unknown:
-        sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from fp, {', '.join(METHODS)}")
+        sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from fp, {', '.join(METHODS)}, pq+zero-data")
     for method in methods:
         for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
             for row in run_one(args.model, method, bits, args):

@@ -60,6 +60,7 @@ class CalibrationConfig:
     weight_decay: float = 0.0
     m_samples: int = 0  # samples the task / distill M-step trains on (0: the calibration samples)
     m_batch: int = 8  # samples per task / distill M-step
+    m_dense: str = ""  # comma-separated fnmatch patterns: uncompressed parameters the task / distill M-step trains too ("*.bias")
     tau_dead: int = 256  # a centroid used fewer times over the M-step's passes is re-initialised
     soft_candidates: int = 0  # > 0: VQ4DiT soft assignments over that many candidates in the block M-step
     entropy_weight: float = 1e-3  # pushes soft assignments towards one candidate as training goes
@@ -94,6 +95,8 @@ class CalibrationConfig:
                 raise CompressKitError(f"calibration setting {f.name} must be true or false, got {value!r}")
             if kind in (int, float) and value < 0:
                 raise CompressKitError(f"calibration setting {f.name} must be >= 0, got {value!r}")
+        if not isinstance(self.m_dense, str):
+            raise CompressKitError(f"calibration setting m_dense must be comma-separated parameter-name patterns (a string), got {self.m_dense!r}")
         if self.data not in DATA_KINDS:
             raise CompressKitError(f"calibration data must be one of {', '.join(DATA_KINDS)}, got {self.data!r}")
         if self.m_objective not in OBJECTIVES:
@@ -119,12 +122,13 @@ class CalibrationConfig:
                 raise CompressKitError("zero-data calibration has no real data for a task or distillation loss: use m_objective 'block'")
             refuse({"source"}, "zero-data calibration reads no data source")
         if self.m_objective is None:
-            refuse({"m_steps", "lr", "weight_decay", "m_samples", "m_batch", "soft_candidates", "entropy_weight", "logit_lr"},
+            refuse({"m_steps", "lr", "weight_decay", "m_samples", "m_batch", "m_dense", "soft_candidates", "entropy_weight", "logit_lr"},
                    "they set the M-step, and no m_objective is chosen (block, task or distill)")
         elif self.m_steps == 0:
             raise CompressKitError(f"m_objective {self.m_objective!r} needs m_steps > 0 (the M-step's optimizer steps)")
         if self.m_objective == "block":
             refuse({"m_samples", "m_batch"}, "the block M-step trains on the calibration samples, block by block")
+            refuse({"m_dense"}, "the block M-step trains codebooks only; dense parameters train in task or distill EM rounds")
         if self.m_objective in ("task", "distill") and self.em_rounds == 0:
             raise CompressKitError(f"m_objective {self.m_objective!r} runs in whole-model EM rounds: set em_rounds >= 1")
         if self.soft_candidates == 0:

@@ -15,6 +15,7 @@ never on its name, so a quantizer registered by another package gets every step 
 """
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Any, Callable
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from compresskit.calib.capture import run_call
 from compresskit.calib.offload import ActivationStore
+from compresskit.errors import CompressKitError
 from compresskit.nn import QuantizedTensor, quantized_tensors
 
 
@@ -65,6 +67,22 @@ def trainable_tensors(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
             if p.is_floating_point():
                 params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
     return params
+
+
+def dense_tensors(model: nn.Module, patterns: str) -> list[tuple[nn.Parameter, float]]:
+    """The floating-point parameters of ``model`` outside its compressed tensors whose names match
+    one of ``patterns`` (comma-separated fnmatch patterns, e.g. ``"*.bias"``), each at lr multiplier 1.
+    One clear error when a pattern matches none: a typo must not silently train nothing."""
+    compressed = {id(p) for _, _, qt in quantized_tensors(model).values() for p in qt.parameters()}
+    named = [(name, p) for name, p in model.named_parameters() if id(p) not in compressed and p.is_floating_point()]
+    out, seen = [], set()
+    for pattern in (x.strip() for x in patterns.split(",") if x.strip()):
+        hits = [(name, p) for name, p in named if fnmatchcase(name, pattern)]
+        if not hits:
+            raise CompressKitError(f"m_dense pattern {pattern!r} matches no uncompressed parameter of the model")
+        out += [(p, 1.0) for _, p in hits if id(p) not in seen]
+        seen |= {id(p) for _, p in hits}
+    return out
 
 
 def optimise(trainable: list[tuple[nn.Parameter, float]], loss_fn: Callable[[int], torch.Tensor], config, progress=None, label: str = "M-step") -> float:
@@ -169,7 +187,9 @@ class ModelObjective:
         self.hessians, self.originals = hessians, originals
         self.teacher: dict[int, Any] = {}  # the uncompressed model's predictions, by batch index
         self.m_teacher: dict[int, Any] = {}
-        self.trainable = trainable_tensors
+        self.trainable = trainable_tensors if not config.m_dense else (
+            lambda model: trainable_tensors(model) + dense_tensors(model, config.m_dense)
+        )
 
     def optimise(self, model: nn.Module, loss_fn, progress=None, label: str = "M-step") -> float:
         return optimise(self.trainable(model), loss_fn, self.config, progress, label)
