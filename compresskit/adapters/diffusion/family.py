@@ -37,12 +37,18 @@ class DiffusionAdapter(Adapter):
         "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
     }
     sample_options = {"steps": eval_options["steps"], "cfg_scale": eval_options["cfg_scale"]}  # pictures are drawn as evaluation draws them
+    method_defaults = {
+        "pq": ({"pool": False, "row_scale": True},
+               "on the reference models DPQ's pool and unscaled rows lost most of what the walk can keep: the 2-bit DiT's walk "
+               "gave fid 101.5 with them and 62.8 with row scales and no pool, at 2.60 against 2.50 bits/weight "
+               "(docs/BENCHMARKS.md); --param pool=true --param row_scale=false for the paper's layout"),
+    }
     preset_settings = {
         "fast": ({"n_samples": 64}, "the walk the results page measured: 64 noised training images (the shared recipe's 16 are sized for text)"),
         "best": (
-            {"n_samples": 64, "m_steps": 400, "m_samples": 512, "m_batch": 16, "lr": 1e-4},
+            {"n_samples": 64, "m_steps": 400, "m_samples": 512, "m_batch": 16, "lr": 3e-4},
             "the distillation M-step measured on fmnist-dit and fmnist-unet at 2 bits (docs/diffusion.md): 400 AdamW steps of "
-            "16 noised images drawn from 512, after a walk on 64; the shared recipe's 64 steps of 2 samples is sized for text",
+            "16 noised images drawn from 512 at lr 3e-4, after a walk on 64; the shared recipe's 64 steps of 2 samples is sized for text",
         ),
     }
     loss_keys = ("noise",)  # a calibration batch's noise: read by the DDPM loss, never passed to the model

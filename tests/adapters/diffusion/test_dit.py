@@ -181,15 +181,18 @@ def test_estimate_equals_compress_and_the_file(saved, tmp_path, config):
 
 
 def test_dit_xl_2_counted_honestly():
-    result = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=2))
+    paper = {"pool": True, "row_scale": False}  # DPQ's layout; the family's defaults are no pool, row scales
+    result = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=2, params=paper))
     counted, totals = result["counted"], result["totals"]
     assert result["weights"] == "none" and result["adapter"] == "dit"
     assert counted["n_parameters"] == XL_PARAMETERS and counted["n_buffers"] == 294_912  # pos_embed
     assert abs(XL_PARAMETERS * 2 / 1e6 - 1349.4) / 1349.4 < 1e-3  # the paper's FP16 size, within 0.1%
     assert totals["n_layers_compressed"] == 28 * 5  # qkv, proj, fc1, fc2, adaLN per block
     assert round(totals["compressed_mb"], 2) == 216.14  # docs/diffusion.md explains the gap to the paper's 211.3
-    one_bit = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=1))
+    one_bit = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=1, params=paper))
     assert round(one_bit["totals"]["compressed_mb"], 2) == 114.34  # the paper: 103.9
+    defaults = [estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=b))["totals"]["compressed_mb"] for b in (2, 1)]
+    assert [round(mb, 2) for mb in defaults] == [213.06, 115.69]
 
 
 def test_cli_estimate_of_a_model(capsys):
