@@ -98,11 +98,11 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
 
 
 def label(row: dict) -> str:
-    """The row's method, with the M-step's objective, steps and images for ``pq+em`` (they vary between rows)."""
+    """The row's method and ``--params``, with the M-step's objective, steps, images and lr where there is one (they vary between rows)."""
     calibration = row.get("calibration") or {}
     name = row["method"] + "".join(f" {k}={v}" for k, v in (row.get("params") or {}).items())
     if row["method"] in ("pq+em", *PRESET_ROWS) and calibration.get("m_objective"):
-        return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images)"
+        return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images, lr {calibration['lr']:g})"
     return name
 
 
@@ -128,6 +128,29 @@ def table(paths: list[str]) -> None:
         )
 
 
+def summary(paths: list[str]) -> None:
+    """Per model, row label and bits: the median ``x FP`` over the sampling seeds measured (each
+    against the FP row of its own seed), the range, and how many seeds."""
+    import statistics
+
+    rows = [json.loads(line) for p in paths for line in open(p, encoding="utf-8") if line.strip()]
+    fp = {reference_key(r): r for r in rows if r["method"] == "fp"}
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        ref = fp.get(reference_key(r))
+        if ref is None or r["method"] == "fp":
+            continue
+        g = groups.setdefault((r["model"], label(r), r["bits"], f"{r['bits_per_weight_layers']:.3f}"), {"fid": [], "fid_effnet": []})
+        for k in g:
+            if r.get(k) is not None and ref.get(k):
+                g[k].append(r[k] / ref[k])
+    print("| model | method | bits | bits/weight (layers) | seeds | fid x FP, median (range) | fid_effnet x FP, median (range) |")
+    print("|---|---|---|---|---|---|---|")
+    for (model, name, bits, bpw), g in groups.items():
+        cell = lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else (f"{v[0]:.2f}" if v else "-")  # noqa: E731
+        print(f"| {model} | {name} | {bits} | {bpw} | {len(g['fid'])} | {cell(g['fid'])} | {cell(g['fid_effnet'])} |")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fmnist-dit", help="fmnist-dit | fmnist-unet (or any model the diffusion adapters evaluate)")
@@ -151,6 +174,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-dir", type=Path, help="also save each compressed model under this directory (<model>-<method><bits>)")
     p.add_argument("--out", type=Path, help="append one JSON line per configuration here")
     p.add_argument("--table", nargs="+", help="print the markdown table of these JSON-lines files and exit")
+    p.add_argument("--summary", nargs="+", help="print the median x FP over sampling seeds of these JSON-lines files and exit")
     return p.parse_args(argv)
 
 
@@ -158,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.table:
         return table(args.table)
+    if args.summary:
+        return summary(args.summary)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",")

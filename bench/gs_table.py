@@ -90,12 +90,14 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
 
 def table(paths: list[str]) -> None:
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
-    print("| row | ratio (file) | bits / Gaussian | PSNR vs FP renders | SSIM | PSNR vs GT | drop dB | compress s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | EM steps x views | ratio (file) | bits / Gaussian | PSNR vs FP renders | SSIM | PSNR vs GT | drop dB | compress s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        c = r.get("calibration") or {}
+        em = f"{c['m_steps']} x {c['m_batch']}" if c.get("m_objective") else "-"
         gt = f"{r['psnr_gt']:.2f}" if "psnr_gt" in r else "-"
         drop = f"{r['psnr_drop_db']:.2f}" if "psnr_drop_db" in r else "-"
-        print(f"| {r['row']} | {r['compression_ratio']:.1f}x | {r['bits_per_gaussian']:.1f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {gt} | {drop} | {r['seconds_compress']:.0f} |")
+        print(f"| {r['row']} | {em} | {r['compression_ratio']:.1f}x | {r['bits_per_gaussian']:.1f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {gt} | {drop} | {r['seconds_compress']:.0f} |")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
