@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -119,8 +119,10 @@ def save_png(image, path: str | Path, overwrite: bool = False) -> Path:
     so a reader never sees half a picture and a failure leaves nothing behind."""
     path = Path(path)
     check_png_path(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        # os.open with 0o666 honours the umask, as a plain open() would (mkstemp would leave 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
         os.replace(tmp, path)

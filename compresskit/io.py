@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from compresskit.errors import CompressKitError
+from compresskit.files import save_tensors, umask
 from compresskit.nn import QuantizedTensor, owners_of, quantize_tensor, quantized_prefixes, quantized_tensors, share_tensor
 from compresskit.registry import get_quantizer
 from compresskit.report import CompressionReport, unique_dense_tensors
@@ -58,6 +59,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0o700; the result should read as a mkdir'd one would
         yield tmp
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -91,7 +93,7 @@ def save(
     tensors, layers, tied = model_state(model, report)
     manifest = build_manifest(source, layers, tied, report, [TENSORS])
     with atomic_directory(out_dir, overwrite) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
+        save_tensors(tensors, tmp / TENSORS)
         write_manifest(tmp, manifest)
         if save_architecture is not None:
             (tmp / ARCHITECTURE).mkdir()

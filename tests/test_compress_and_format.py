@@ -269,3 +269,25 @@ def test_a_1d_tensor_with_out_axis_1_is_one_row_with_one_scale(tmp_path):
     compresskit.save(loaded.model, report, tmp_path / "c", source={"model": "column"})
     restored = compresskit.load(tmp_path / "c", model=ColumnScene())
     torch.testing.assert_close(restored.alpha, loaded.model.alpha, rtol=0, atol=0)
+
+
+def test_outputs_get_the_permissions_the_umask_gives_not_a_temporary_files(tmp_path):
+    """Saved directories and PNGs are written to a temporary name first (mkdtemp / mkstemp would make
+    them 0o700 / 0o600); what lands at the path must read as a plain mkdir / open would make it."""
+    import os
+
+    from PIL import Image
+
+    from compresskit.grid import save_png
+
+    model = make()
+    report = compresskit.compress(model, CompressConfig(method="rtn", bits=4), example_inputs=(inputs(), {}))
+    before = os.umask(0o027)
+    try:
+        compresskit.save(model, report, tmp_path / "m", source={"model": "net"})
+        save_png(Image.new("L", (4, 4)), tmp_path / "grid.png")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "m" / TENSORS).stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "grid.png").stat().st_mode & 0o777 == 0o640

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from compresskit.errors import CompressKitError
+from compresskit.files import save_tensors
 from compresskit.quantizers.packing import pack_codes, unpack_codes
 from compresskit.quantizers.sizes import SizeReport
 
@@ -231,7 +232,7 @@ class Quantizer:
 
     def save(self, path: str | Path) -> None:
         """Write the fitted state to one safetensors file (JSON metadata in its header)."""
-        save_file(self.state_tensors(), str(path), metadata={"compresskit": json.dumps(self.state_meta())})
+        save_tensors(self.state_tensors(), path, metadata={"compresskit": json.dumps(self.state_meta())})
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Quantizer":

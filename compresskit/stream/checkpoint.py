@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from compresskit.calib.capture import Call
 from compresskit.calib.offload import ActivationStore, Ref
 from compresskit.calib.walk import ChainState
 from compresskit.errors import CompressKitError
+from compresskit.files import save_tensors
 
 PROGRESS = "progress.json"
 BLOCKS = "blocks"
@@ -55,7 +56,7 @@ def write_json(path: Path, value: Any) -> None:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file at ``path``, renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    save_tensors(tensors, tmp)
     os.replace(tmp, path)
 
 
@@ -102,7 +103,7 @@ def save_carry(folder: Path, state: ChainState, store: ActivationStore) -> Path:
     tmp = folder / f"carry-{state.next_block}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(tensors, str(tmp / "tensors.safetensors"))
+    save_tensors(tensors, tmp / "tensors.safetensors")
     (tmp / "calls.json").write_text(json.dumps(record))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+
+from compresskit.files import save_tensors
 
 ORIGINAL_WEIGHTS = "dit.safetensors"  # the sidecar is the same name with .json, as the dit adapter reads it
 
@@ -40,7 +41,7 @@ def save_diffusers(compressed: nn.Module, directory: Path) -> None:
 def save_with_sidecar(state: dict[str, torch.Tensor], path: Path, architecture: dict) -> Path:
     """``state`` as safetensors at ``path`` and ``{"architecture": architecture}`` as the ``.json``
     beside it (the sidecar the dit and ldm-unet adapters read); returns ``path``."""
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    save_tensors({k: v.contiguous() for k, v in state.items()}, path)
     path.with_suffix(".json").write_text(json.dumps({"architecture": architecture}, indent=2))
     return path
 
