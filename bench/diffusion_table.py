@@ -111,10 +111,20 @@ def reference_key(row: dict) -> tuple:
     return row["model"], row.get("eval_seed", 0), row["n_samples"], row["steps"]
 
 
+def read_rows(paths: list[str]) -> list[dict]:
+    """The JSON lines of ``paths`` in order, a row repeated in several files (a reference row) kept once."""
+    seen = {}
+    for p in paths:
+        for line in open(p, encoding="utf-8"):
+            if line.strip():
+                seen.setdefault(line.strip(), json.loads(line))
+    return list(seen.values())
+
+
 def table(paths: list[str]) -> None:
     """A markdown table of the rows in ``paths``. The ``x FP`` reference of a row is the FP row of the
     same model, sampling seed (``eval_seed``, 0 in rows from before it was recorded), sample count and steps."""
-    rows = [json.loads(line) for p in paths for line in open(p, encoding="utf-8") if line.strip()]
+    rows = read_rows(paths)
     fp = {reference_key(r): r for r in rows if r["method"] == "fp"}
     print("| model | method | bits | seed | bits/weight (layers) | size MB | fid | x FP | fid_effnet | x FP | is | compress s | eval s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -133,7 +143,7 @@ def summary(paths: list[str]) -> None:
     against the FP row of its own seed), the range, and how many seeds."""
     import statistics
 
-    rows = [json.loads(line) for p in paths for line in open(p, encoding="utf-8") if line.strip()]
+    rows = read_rows(paths)
     fp = {reference_key(r): r for r in rows if r["method"] == "fp"}
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in rows:
