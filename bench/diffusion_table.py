@@ -19,7 +19,7 @@ What each method row gets (``--methods``, default all):
   centroid rounds) and then ``--em-rounds`` whole-model EM rounds whose M-step trains the codebooks
   with the DDPM loss (``m_objective="task"``) on ``--m-samples`` timestep-sampled images with class
   dropout 0.1, dead centroids re-initialised, and an E-step after it;
-* ``pq+fast``, ``pq+best``, ``pq+zero-data``: pq with that preset as the family runs it
+* ``pq+fast``, ``pq+best``, ``pq+zero-data`` (and the same for ``vq``): that method with that preset as the family runs it
   (``adapter.calibration_preset(name)``, the ``--em-*`` / ``--m-*`` / ``--calib-samples`` flags
   ignored), so the preset itself is what is measured.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 METHODS = ("rtn", "gptq", "vq", "pq", "pq+em", "pq+fast", "pq+best")
-PRESET_ROWS = ("pq+fast", "pq+best", "pq+zero-data")  # pq with a named preset, as the family runs it
+PRESET_ROWS = tuple(f"{m}+{p}" for m in ("pq", "vq") for p in ("fast", "best", "zero-data"))  # a codebook method with a named preset, as the family runs it
 
 
 def calibration_for(method: str, args: argparse.Namespace, adapter):
@@ -54,7 +54,7 @@ def calibration_for(method: str, args: argparse.Namespace, adapter):
     if method == "pq+em":
         return CalibrationConfig.preset(
             "fast", n_samples=args.calib_samples, m_objective=args.m_objective, em_rounds=args.em_rounds, m_steps=args.m_steps,
-            m_samples=args.m_samples, m_batch=args.m_batch, lr=args.lr,
+            m_samples=args.m_samples, m_batch=args.m_batch, lr=args.lr, m_dense=args.m_dense,
         )
     return None
 
@@ -102,7 +102,8 @@ def label(row: dict) -> str:
     calibration = row.get("calibration") or {}
     name = row["method"] + "".join(f" {k}={v}" for k, v in (row.get("params") or {}).items())
     if row["method"] in ("pq+em", *PRESET_ROWS) and calibration.get("m_objective"):
-        return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images, lr {calibration['lr']:g})"
+        dense = f", also {calibration['m_dense']}" if calibration.get("m_dense") else ""
+        return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images, lr {calibration['lr']:g}{dense})"
     return name
 
 
@@ -178,6 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m-samples", type=int, default=256)
     p.add_argument("--m-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--m-dense", default="", help="pq+em: uncompressed parameters the M-step trains too, as name patterns (e.g. '*.bias')")
     p.add_argument("--m-objective", choices=("task", "distill"), default="task",
                    help="pq+em's M-step loss: task (the DDPM loss against the true noise) or distill (against the uncompressed model's epsilon)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - {"fp", *METHODS, *PRESET_ROWS})
     if unknown:
-        sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from fp, {', '.join(METHODS)}, pq+zero-data")
+        sys.exit(f"error: unknown method(s) {', '.join(unknown)}; choose from fp, {', '.join(sorted(set(METHODS) | set(PRESET_ROWS)))}")
     for method in methods:
         for bits in [None] if method == "fp" else [int(b) for b in args.bits.split(",")]:
             for row in run_one(args.model, method, bits, args):
