@@ -14,14 +14,13 @@ image is upscaled by an integer factor (nearest neighbour, so pixels stay pixels
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from compresskit.errors import CompressKitError
+from compresskit.files import write_atomically
 from compresskit.optional import require
 
 MIN_CELL_PX = 64  # small images (Fashion-MNIST's 32 x 32) are upscaled to at least this width
@@ -119,16 +118,7 @@ def save_png(image, path: str | Path, overwrite: bool = False) -> Path:
     so a reader never sees half a picture and a failure leaves nothing behind."""
     path = Path(path)
     check_png_path(path, overwrite)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        # os.open with 0o666 honours the umask, as a plain open() would (mkstemp would leave 0o600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda stream: image.save(stream, format="PNG"))
     return path
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from compresskit.errors import CompressKitError
+from compresskit.files import write_atomically
 from compresskit.optional import require
 
 _DEGREE_OF_REST = {0: 0, 9: 1, 24: 2, 45: 3}  # number of f_rest_* properties -> SH degree
@@ -185,22 +185,10 @@ def write_ply(path: str | os.PathLike, data: PlyGaussians, overwrite: bool = Fal
     vertex = rows.view(np.dtype([(name, "<f4") for name in property_names(data.sh_degree)])).reshape(n)
     ply = plyfile.PlyData([plyfile.PlyElement.describe(vertex, "vertex")], text=False, byte_order="<")
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    done = False
     try:
-        # os.open with 0o666 honours the umask, as a plain open() would (mkstemp would leave 0o600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as stream:
-            ply.write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-        done = True
+        write_atomically(path, ply.write)
     except OSError as e:
         raise CompressKitError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if not done:
-            tmp.unlink(missing_ok=True)
     return path
 
 
