@@ -1,7 +1,6 @@
 """Activation offload: the calibrator's per-block activations on disk give the same model."""
 import pytest
 import torch
-from torch import nn
 
 import compresskit
 from compresskit.calib.capture import is_chained

@@ -254,7 +254,6 @@ def test_em_round_never_ends_above_its_own_m_step_on_the_calibration_loss():
 def test_m_step_learning_rate_is_in_weight_units_for_row_scaled_centroids():
     import compresskit
     from compresskit import CompressConfig
-    from compresskit.calib import Calibrator
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
