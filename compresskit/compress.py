@@ -165,9 +165,15 @@ def plan_quantizer(config: CompressConfig, target: Target, override: dict, dense
 
 
 def _with_adapter_defaults(config: CompressConfig, adapter: Adapter | None) -> CompressConfig:
+    """``config`` with the adapter's ``method_defaults`` under its own. An adapter's defaults at one
+    width (``"pq:1"``) are a layout: where the config's own defaults for that method set any of its
+    keys, the adapter's layout is left out whole (as :meth:`CompressConfig.params_for` does for user parameters)."""
     if adapter is None or not adapter.method_defaults:
         return config
-    defaults = {method: dict(params) for method, (params, _) in adapter.method_defaults.items()}
+    defaults = {key: dict(params) for key, (params, _) in adapter.method_defaults.items()}
+    for key in [k for k in defaults if ":" in k]:
+        if set(defaults[key]) & set(config.method_defaults.get(key.split(":", 1)[0], {})):
+            del defaults[key]
     for method, params in config.method_defaults.items():
         defaults[method] = {**defaults.get(method, {}), **params}
     return replace(config, method_defaults=defaults)

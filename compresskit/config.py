@@ -21,7 +21,10 @@ class CompressConfig:
     adapter's layers kept dense; ``include_embeddings`` makes embeddings (and an adapter's
     :meth:`~compresskit.adapters.Adapter.embeddings`, e.g. an LM head) candidates too.
     ``method_defaults`` are ``{method: {param: value}}`` used where the user set nothing (an
-    adapter's defaults, filled in by :func:`compresskit.compress`).
+    adapter's defaults, filled in by :func:`compresskit.compress`); a key ``"method:bits"`` (``"pq:1"``,
+    the CLI's spelling of a method at a width) holds defaults for that width only, on top of the
+    method's. Those are a layout (``d`` and ``k`` together set the rate), so a layer whose user
+    parameters set any of its keys gets none of them (see :meth:`params_for`).
     """
 
     method: str = "pq"
@@ -52,12 +55,23 @@ class CompressConfig:
             raise CompressKitError(f"{method}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(known)}")
         return cls(bits=bits, **params) if "bits" in known else cls(**params)
 
+    def params_for(self, method: str, bits: int, user: dict[str, Any]) -> dict[str, Any]:
+        """The parameters a ``method`` quantizer at ``bits`` gets: the method's defaults, then its
+        defaults at this width (``"method:bits"``), then ``user``'s. The width's defaults are taken
+        whole or not at all: ``--param d=8`` at 1 bit with a ``{"d": 4, "k": 16}`` default must not
+        become d=8, k=16 (half a bit per weight)."""
+        at_width = self.method_defaults.get(f"{method}:{bits}", {})
+        if set(at_width) & set(user):
+            at_width = {}
+        return {**self.method_defaults.get(method, {}), **at_width, **user}
+
     def layer_quantizer(self, layer_override: dict[str, Any] | None):
         """A fresh quantizer for one layer (the config's method, or the layer's override)."""
         o = layer_override or {}
         method = o.get("method", self.method)
-        params = {**self.method_defaults.get(method, {}), **(self.params if method == self.method else {}), **_params_of(o)}
-        return self.quantizer_for(method, o.get("bits", self.bits), params)
+        bits = o.get("bits", self.bits)
+        user = {**(self.params if method == self.method else {}), **_params_of(o)}
+        return self.quantizer_for(method, bits, self.params_for(method, bits, user))
 
 
 def _params_of(override: dict[str, Any]) -> dict[str, Any]:

@@ -291,3 +291,52 @@ def test_outputs_get_the_permissions_the_umask_gives_not_a_temporary_files(tmp_p
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "m" / TENSORS).stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "grid.png").stat().st_mode & 0o777 == 0o640
+
+
+WIDTH_DEFAULTS = {"pq": {"pool": False}, "pq:1": {"d": 4, "k": 16}}
+
+
+def fitted_layout(config: CompressConfig, override=None):
+    q = config.layer_quantizer(override)
+    return q.d, q.k, q.pool
+
+
+def test_defaults_at_one_width_apply_at_that_width_only():
+    assert fitted_layout(CompressConfig(method="pq", bits=1, method_defaults=WIDTH_DEFAULTS)) == (4, 16, False)
+    assert fitted_layout(CompressConfig(method="pq", bits=2, method_defaults=WIDTH_DEFAULTS)) == (None, 256, False)
+    # a layer overridden to 1 bit in a 2-bit model gets the 1-bit layout; one overridden to 2 bits in a 1-bit model does not
+    two = CompressConfig(method="pq", bits=2, method_defaults=WIDTH_DEFAULTS)
+    assert fitted_layout(two, {"method": "pq", "bits": 1}) == (4, 16, False)
+    one = CompressConfig(method="pq", bits=1, method_defaults=WIDTH_DEFAULTS)
+    assert fitted_layout(one, {"method": "pq", "bits": 2}) == (None, 256, False)
+
+
+def test_a_width_default_is_one_layout_a_user_parameter_replaces_whole():
+    # d=8 alone must not keep the default k=16 (half a bit per weight): the user's d brings PQ's own k back
+    assert fitted_layout(CompressConfig(method="pq", bits=1, params={"d": 8}, method_defaults=WIDTH_DEFAULTS)) == (8, 256, False)
+    assert fitted_layout(CompressConfig(method="pq", bits=1, method_defaults=WIDTH_DEFAULTS), {"method": "pq", "bits": 1, "k": 4}) == (None, 4, False)
+    # parameters outside the layout leave it alone
+    assert fitted_layout(CompressConfig(method="pq", bits=1, params={"pool": True}, method_defaults=WIDTH_DEFAULTS)) == (4, 16, True)
+
+
+def test_an_adapters_width_layout_yields_to_the_callers_own_defaults():
+    from compresskit.compress import _with_adapter_defaults
+
+    class Family(SceneAdapter):
+        method_defaults = {"pq": ({"pool": False}, "why"), "pq:1": ({"d": 4, "k": 16}, "why")}
+
+    kept = _with_adapter_defaults(CompressConfig(method="pq", bits=1, method_defaults={"pq": {"pool": True}}), Family())
+    assert fitted_layout(kept) == (4, 16, True)
+    dropped = _with_adapter_defaults(CompressConfig(method="pq", bits=1, method_defaults={"pq": {"k": 64}}), Family())
+    assert fitted_layout(dropped) == (None, 64, False)
+
+
+def test_the_reported_parameters_are_the_ones_used(tmp_path):
+    """compress on a real model with the width layout: every layer's fitted PQ has it, and the
+    report's parameters say so."""
+    model = make()
+    report = compresskit.compress(model, CompressConfig(method="pq", bits=1, include=("fc*",), method_defaults=WIDTH_DEFAULTS))
+    layers = {layer["name"]: layer for layer in report.to_dict()["layers"]}
+    assert set(layers) == {"fc1", "fc2"}
+    for layer in layers.values():
+        assert (layer["params"]["d"], layer["params"]["k"], layer["size"]["parts_bits"]["codes"]) == (4, 16, 64 * 32)

@@ -87,7 +87,8 @@ class Adapter(ABC):
     compressed; ``target_methods`` ``(fnmatch pattern, {"method": ..., "bits": ..., **params}, reason)``
     for targets the family compresses with their own method whatever the user's (a 3DGS scene's
     opacities: scalar), applied before the user's overrides, which win; ``method_defaults`` ``{method: ({param: value}, why)}`` quantizer parameters the family
-    uses unless the user sets them; ``preset_settings`` ``{preset: ({setting: value}, why)}`` calibration
+    uses unless the user sets them (a key ``"method:bits"``, e.g. ``"pq:1"``, holds a layout for that width only,
+    dropped whole where the user sets any of its keys: :meth:`CompressConfig.params_for`); ``preset_settings`` ``{preset: ({setting: value}, why)}`` calibration
     settings a named preset takes on this family (:meth:`calibration_preset`), under the user's; ``primary_metric`` the key of :meth:`evaluate`'s result that ranks
     models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options.
 

@@ -134,7 +134,7 @@ def run_quantize(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any] | 
 
 def _run_quantize(req: QuantizeRequest, quiet: bool, comm) -> dict[str, Any] | None:
     from compresskit import io
-    from compresskit.compress import compress
+    from compresskit.compress import _with_adapter_defaults, compress
 
     if req.stream or req.resume:
         from compresskit.cli.streamed import run_streamed
@@ -191,7 +191,7 @@ def _run_quantize(req: QuantizeRequest, quiet: bool, comm) -> dict[str, Any] | N
         "adapter": adapter.name,
         "method": req.method,
         "bits": req.bits,
-        "params": {**config.method_defaults.get(req.method, {}), **{k: v for k, v in adapter.method_defaults.get(req.method, ({}, ""))[0].items()}, **req.params},
+        "params": _with_adapter_defaults(config, adapter).params_for(req.method, req.bits, dict(req.params)),
         "primary_metric": adapter.primary_metric,
         "calibration": {"preset": req.preset, **report.calibration},
         "out": str(out),

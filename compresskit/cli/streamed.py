@@ -15,6 +15,7 @@ def run_streamed(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
     The model is never whole in memory, so nothing is evaluated here (``compresskit eval OUT``
     does it afterwards, if the compressed model fits).
     """
+    from compresskit.compress import _with_adapter_defaults
     from compresskit.stream import compress_streaming
 
     start = time.perf_counter()
@@ -39,7 +40,7 @@ def run_streamed(req: QuantizeRequest, quiet: bool = False) -> dict[str, Any]:
         "adapter": adapter.name,
         "method": req.method,
         "bits": req.bits,
-        "params": dict(req.params),
+        "params": _with_adapter_defaults(config, adapter).params_for(req.method, req.bits, dict(req.params)),
         "primary_metric": adapter.primary_metric,
         "calibration": {"preset": req.preset, **result.report.calibration},
         "out": str(result.out),

@@ -42,6 +42,11 @@ class DiffusionAdapter(Adapter):
                "on the reference models DPQ's pool and unscaled rows lost most of what the walk can keep: the 2-bit DiT's walk "
                "gave fid 101.5 with them and 62.8 with row scales and no pool, at 2.60 against 2.50 bits/weight "
                "(docs/BENCHMARKS.md); --param pool=true --param row_scale=false for the paper's layout"),
+        "pq:1": ({"d": 4, "k": 16},
+                 "at 1 bit the 256-entry tables of 8-wide subvectors outgrow the small reference models' layers (1.66 bits/weight "
+                 "on fmnist-dit, 2.17 on fmnist-unet); 16 entries of 4-wide subvectors keep the codes at 1 bit and the model at "
+                 "1.32 / 1.28, and with --preset best gave fid 2.43x FP on the DiT (median of 3 seeds) against 3.53x with the pool "
+                 "(docs/BENCHMARKS.md); --param d=8 --param k=256 for the paper's 1-bit shape"),
     }
     preset_settings = {
         "fast": ({"n_samples": 64}, "the walk the results page measured: 64 noised training images (the shared recipe's 16 are sized for text)"),

@@ -189,10 +189,12 @@ def test_dit_xl_2_counted_honestly():
     assert abs(XL_PARAMETERS * 2 / 1e6 - 1349.4) / 1349.4 < 1e-3  # the paper's FP16 size, within 0.1%
     assert totals["n_layers_compressed"] == 28 * 5  # qkv, proj, fc1, fc2, adaLN per block
     assert round(totals["compressed_mb"], 2) == 216.14  # docs/diffusion.md explains the gap to the paper's 211.3
-    one_bit = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=1, params=paper))
+    one_bit = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=1, params={**paper, "d": 8}))  # the paper's d at 1 bit, not the family's
     assert round(one_bit["totals"]["compressed_mb"], 2) == 114.34  # the paper: 103.9
     defaults = [estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=b))["totals"]["compressed_mb"] for b in (2, 1)]
-    assert [round(mb, 2) for mb in defaults] == [213.06, 115.69]
+    assert [round(mb, 2) for mb in defaults] == [213.06, 105.37]  # at 1 bit the family's d=4, k=16
+    paper_shape = estimate_spec("dit-xl-2-256", CompressConfig(method="pq", bits=1, params={"d": 8}))  # k=256 comes back with d
+    assert round(paper_shape["totals"]["compressed_mb"], 2) == 115.69
 
 
 def test_cli_estimate_of_a_model(capsys):
@@ -309,3 +311,17 @@ def test_missing_diffusers_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(CompressKitError, match=r"need the 'diffusers' package: pip install 'compresskit\[diffusion\]'"):
         ADAPTER.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("extra, layout", [((), (4, 16)), (("--param", "d=8"), (8, 256))])
+def test_cli_one_bit_takes_the_familys_one_bit_layout_unless_the_user_sets_one(tmp_path, capsys, extra, layout):
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny_dit().state_dict(), checkpoint)
+    checkpoint.with_suffix(".json").write_text(json.dumps({"architecture": TINY.to_dict()}))
+    main(["quantize", "--model", str(checkpoint), "--method", "pq", "--bits", "1", "--preset", "none", "--no-eval", *extra,
+          "--out", str(tmp_path / "out"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["params"].get("d"), result["params"].get("k", 256)) == layout
+    assert result["params"]["pool"] is False  # the method-wide default still holds
+    layers = result["report"]["layers"]
+    assert layers and all((layer["params"]["d"], layer["params"]["k"]) == layout for layer in layers)
