@@ -44,7 +44,17 @@ PRESET_ROWS = tuple(f"{m}+{p}" for m in ("pq", "vq") for p in ("fast", "best", "
 
 
 def calibration_for(method: str, args: argparse.Namespace, adapter):
-    """The :class:`CalibrationConfig` of ``method``'s row (``None``: from the weights alone)."""
+    """The :class:`CalibrationConfig` of ``method``'s row (``None``: from the weights alone), with
+    ``--calib-set`` on top, as the CLI's ``--calib-set`` puts settings on top of a preset."""
+    config = _base_calibration(method, args, adapter)
+    if args.calib_set:
+        if config is None:
+            sys.exit(f"error: --calib-set would do nothing for {method} (no calibration)")
+        config = config.with_settings(args.calib_set)
+    return config
+
+
+def _base_calibration(method: str, args: argparse.Namespace, adapter):
     from compresskit import CalibrationConfig
 
     if method in PRESET_ROWS:
@@ -67,6 +77,8 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
     adapter = adapter_for(model)()
     loaded = adapter.load(model)
     row: dict = {"model": model, "method": method, "bits": bits, "n_samples": args.n_samples, "steps": args.steps, "params": args.params}
+    if args.calib_set and method != "fp":
+        row["calib_set"] = args.calib_set
     t0 = time.perf_counter()
     if method == "fp":
         n = sum(p.numel() for p in loaded.model.parameters())
@@ -101,6 +113,7 @@ def label(row: dict) -> str:
     """The row's method and ``--params``, with the M-step's objective, steps, images and lr where there is one (they vary between rows)."""
     calibration = row.get("calibration") or {}
     name = row["method"] + "".join(f" {k}={v}" for k, v in (row.get("params") or {}).items())
+    name += "".join(f" {k}={v}" for k, v in (row.get("calib_set") or {}).items() if k != "m_steps" or not calibration.get("m_objective"))
     if row["method"] in ("pq+em", *PRESET_ROWS) and calibration.get("m_objective"):
         dense = f", also {calibration['m_dense']}" if calibration.get("m_dense") else ""
         return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images, lr {calibration['lr']:g}{dense})"
@@ -182,6 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m-dense", default="", help="pq+em: uncompressed parameters the M-step trains too, as name patterns (e.g. '*.bias')")
     p.add_argument("--m-objective", choices=("task", "distill"), default="task",
                    help="pq+em's M-step loss: task (the DDPM loss against the true noise) or distill (against the uncompressed model's epsilon)")
+    p.add_argument("--calib-set", type=json.loads, default={},
+                   help="calibration settings on top of every calibrated row's, as JSON (e.g. '{\"m_steps\": 1200}'); rows carry calib_set")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--save-dir", type=Path, help="also save each compressed model under this directory (<model>-<method><bits>)")
     p.add_argument("--out", type=Path, help="append one JSON line per configuration here")

@@ -24,6 +24,7 @@ from compresskit.errors import CompressKitError
 
 OBJECTIVES = (None, "block", "task", "distill")
 DATA_KINDS = ("data", "zero-data")
+E_INITS = ("nearest", "feedback")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class CalibrationConfig:
     offload_dir: str | None = None  # keep block activations in files under this directory, not in memory
     # layer-output objective
     e_sweeps: int = 3  # E-step sweeps over the subspaces of each codebook layer
+    e_init: str = "nearest"  # codes the E-step starts from: "nearest" (k-means) | "feedback" (GPTQ-style error feedback, estep.feedback_codes)
     local_rounds: int = 2  # layer-wise EM rounds after the E-step: centroids, row scales, codes
     cg_iters: int = 10  # conjugate-gradient iterations per layer-wise centroid update
     damp: float = 0.01  # ridge on H, relative to mean(diag H)
@@ -104,6 +106,8 @@ class CalibrationConfig:
         for name in ("n_samples", "batch_size", "m_batch"):
             if getattr(self, name) < 1:
                 raise CompressKitError(f"calibration setting {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.e_init not in E_INITS:
+            raise CompressKitError(f"e_init must be one of {', '.join(E_INITS)}, got {self.e_init!r}")
         if not self.asym_damp > 0:
             raise CompressKitError(f"asym_damp must be > 0, got {self.asym_damp!r}")
         self._check_no_dead_settings(defaults)
@@ -137,6 +141,8 @@ class CalibrationConfig:
             raise CompressKitError("soft_candidates train in the block M-step: set m_objective to 'block'")
         if self.em_rounds == 0:
             refuse({"tau_dead"}, "dead centroids are re-initialised in whole-model EM rounds (em_rounds >= 1)")
+        if self.e_sweeps == 0:
+            refuse({"e_init"}, "it picks the codes the E-step starts from, and e_sweeps is 0")
         if not self.asymmetric:
             refuse({"asym_damp"}, "it regularises asymmetric targets, and asymmetric is off")
 

@@ -228,3 +228,70 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def feedback_codes(quantizer, W: torch.Tensor, H: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Codes of ``W`` chosen subspace by subspace in column order, each against a target that earlier
+    subspaces' errors were fed into, as GPTQ does for columns (and GPTVQ for vectors).
+
+    The centroids are the quantizer's and stay fixed. With ``U`` the upper Cholesky factor of
+    ``H^{-1}`` (damped as the E-step damps), quantizing subspace ``G`` of a row to ``c`` and letting the
+    later columns absorb its error costs ``|(t_G - c) U_GG^{-1}|^2``: the nearest centroid in that
+    metric is taken, and the later columns move by ``-(t_G - c) U_GG^{-1} U_{G,later}``. The
+    coordinate-descent E-step only ever moves one subspace against all the others fixed; this pass
+    lets the whole row bend first. Column blocks of about ``block`` columns defer the updates beyond
+    the block to one product, as GPTQ does. Row scales: the search is on ``W / s``, where each row's
+    error is its scaled error over ``s_i^2``, so nothing else changes. Padded columns (and inputs
+    that are always zero, undamped) are coupled to nothing: they get a unit diagonal for the
+    factorisation and no weight in the metric, as in the output error. Returns codes ``[m, n_sub]`` in the dtype of
+    ``codes_``; :func:`e_step` can start from them (``quantizer.set_codes``).
+    """
+    layout = codebook_layout_of(quantizer, "feedback_codes")
+    table, book = layout.centroids(), layout.book  # [B, k, d], [m, n_sub]
+    codes0 = quantizer.codes_
+    m, n_sub = codes0.shape
+    _, k, d = table.shape
+    W2, _ = centroid_target(quantizer, W)
+    n = W2.shape[1]
+    if H.shape != (n, n):
+        raise CompressKitError(f"feedback_codes: H must be [{n}, {n}] for a weight of {n} input columns, got {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise CompressKitError("feedback_codes: H has NaN or infinite values; check the calibration inputs")
+    n_pad = n_sub * d
+    Hp, _ = padded_hessians(H, n_pad, damp)
+    Hp = Hp.double()
+    dead = Hp.diagonal() <= 0  # padded columns and inputs that were always zero: nothing to feed
+    Hp[dead, :] = 0
+    Hp[:, dead] = 0
+    Hp.diagonal()[dead] = 1.0
+    L = torch.linalg.cholesky(Hp)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()  # H^{-1} = U^T U
+    del Hp, L
+    T = W2 if n_pad == n else torch.nn.functional.pad(W2, (0, n_pad - n))
+    T = T.clone()
+    codes = torch.empty(m, n_sub, dtype=torch.long)
+    flat = table.reshape(-1, d)
+    step = max(1, block // d) * d
+    for b0 in range(0, n_pad, step):
+        b1 = min(n_pad, b0 + step)
+        E_block = torch.empty(m, b1 - b0)
+        for c0 in range(b0, b1, d):
+            g, cols = c0 // d, slice(c0, c0 + d)
+            U_inv = torch.linalg.inv(U[cols, cols])  # [d, d], upper triangular
+            U_inv[dead[cols]] = 0  # dead coordinates are decoupled: out of the metric and the feedback
+            a = T[:, cols] @ U_inv  # the subspace's target in the feedback metric
+            col_books = book[:, g]
+            pick = torch.empty(m, dtype=torch.long)
+            for bk in col_books.unique().tolist():
+                rows = (col_books == bk).nonzero(as_tuple=True)[0] if len(col_books.unique()) > 1 else slice(None)
+                Cb = table[bk] @ U_inv  # [k, d]
+                score = torch.addmm((Cb * Cb).sum(-1), a[rows], Cb.t(), alpha=-2.0)
+                pick[rows] = score.argmin(-1)
+            codes[:, g] = pick
+            E = (T[:, cols] - flat[col_books * k + pick]) @ U_inv  # [m, d]
+            E_block[:, c0 - b0:c0 - b0 + d] = E
+            if c0 + d < b1:
+                T[:, c0 + d:b1] -= E @ U[cols, c0 + d:b1]
+        if b1 < n_pad:
+            T[:, b1:] -= E_block @ U[b0:b1, b1:]
+    return codes.to(codes0.dtype)

@@ -36,8 +36,10 @@ def fit_layer(quantizer, W: torch.Tensor, H: torch.Tensor, config) -> None:
     quantizer.fit(W)
     if quantizer.supports_codebook_update and config.e_sweeps:
         from compresskit.calib.codebook import refine_layer
-        from compresskit.calib.estep import e_step
+        from compresskit.calib.estep import e_step, feedback_codes
 
+        if config.e_init == "feedback":
+            quantizer.set_codes(feedback_codes(quantizer, W, H, damp=config.damp))
         quantizer.set_codes(e_step(quantizer, W, H, n_sweeps=config.e_sweeps, damp=config.damp))
         if config.local_rounds:
             refine_layer(quantizer, W, H, rounds=config.local_rounds, e_sweeps=config.e_sweeps, iters=config.cg_iters, damp=config.damp)

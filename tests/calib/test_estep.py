@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from compresskit.calib.estep import _e_step, centroid_layout, centroid_target, e_step, output_error
+from compresskit.calib.config import CalibrationConfig
+from compresskit.calib.estep import _e_step, centroid_layout, centroid_target, e_step, feedback_codes, output_error
+from compresskit.calib.objectives import fit_layer
 from compresskit.errors import CompressKitError
 from compresskit.quantizers.pq import PQ
 from compresskit.quantizers.vq import VQ
@@ -133,3 +135,65 @@ def test_padded_hessians_share_an_unpadded_float32_h_and_pad_otherwise():
     damped, true = padded_hessians(H, 10, 0.1)
     assert true.shape == (10, 10) and torch.equal(true[:8, :8], H) and not true[8:].any() and not true[:, 8:].any()
     assert not damped[8:].any() and torch.equal(damped[:8, :8].diagonal(), torch.diag(padded_hessians(H, 8, 0.1)[0]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_feedback_codes_are_nearest_codes_under_identity_h(case):
+    """With H = I nothing couples the columns: the fed-back error is zero and each subvector takes
+    its nearest centroid over its real columns (padded coordinates carry no weight)."""
+    q, W = fitted(case)
+    codes = feedback_codes(q, W, torch.eye(W[0].numel()), damp=0.01)
+    assert codes.dtype == q.codes_.dtype and codes.shape == q.codes_.shape
+    assert torch.equal(q.inverse_transform(codes), q.inverse_transform(nearest_codes(q, W)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_feedback_codes_lower_the_output_error_of_kmeans_codes(case):
+    q, W = fitted(case)
+    H = correlated_hessian(W[0].numel(), seed=2)
+    before = output_error(W, q.inverse_transform(), H)
+    after = output_error(W, q.inverse_transform(feedback_codes(q, W, H, damp=0.01)), H)
+    assert after < 0.98 * before, (before, after)  # 0.57-0.97 of it here; the E-step sweeps go further
+
+
+def test_feedback_codes_use_block_deferred_updates_exactly():
+    """The deferred block update is GPTQ's lazy batching: any block width gives the same codes."""
+    q, W = fitted(CASES[1])
+    H = correlated_hessian(24, seed=4)
+    ref = feedback_codes(q, W, H, block=2)  # one subspace per block: every update immediate
+    for block in (4, 8, 128):
+        assert torch.equal(feedback_codes(q, W, H, block=block), ref)
+
+
+def test_feedback_codes_refuse_bad_input():
+    q, W = fitted(CASES[1])
+    with pytest.raises(CompressKitError, match="H must be"):
+        feedback_codes(q, W, torch.eye(23))
+    H = correlated_hessian(24)
+    H[0, 0] = float("nan")
+    with pytest.raises(CompressKitError, match="NaN"):
+        feedback_codes(q, W, H)
+    with pytest.raises(CompressKitError, match="not fitted"):
+        feedback_codes(PQ(), W, torch.eye(24))
+
+
+def test_fit_layer_starts_the_e_step_from_feedback_codes_when_asked():
+    W = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    H = correlated_hessian(24, seed=6)
+    config = CalibrationConfig(e_init="feedback", e_sweeps=2, local_rounds=0)
+    q = PQ(bits=2, k=16, share=1, pool=False)
+    fit_layer(q, W, H, config)
+    ref = PQ(bits=2, k=16, share=1, pool=False).fit(W)
+    ref.set_codes(feedback_codes(ref, W, H, damp=config.damp))
+    ref.set_codes(e_step(ref, W, H, n_sweeps=2, damp=config.damp))
+    assert torch.equal(q.codes_, ref.codes_)
+    plain = PQ(bits=2, k=16, share=1, pool=False)
+    fit_layer(plain, W, H, CalibrationConfig(e_sweeps=2, local_rounds=0))
+    assert not torch.equal(plain.codes_, q.codes_)  # the start matters: the default path is not this one
+
+
+def test_e_init_is_validated():
+    with pytest.raises(CompressKitError, match="e_init must be one of nearest, feedback"):
+        CalibrationConfig(e_init="gptq").validated()
+    with pytest.raises(CompressKitError, match="e_init would do nothing: it picks the codes the E-step starts from, and e_sweeps is 0"):
+        CalibrationConfig(e_init="feedback", e_sweeps=0).validated()

@@ -86,6 +86,27 @@ def test_pq_e_step_lowers_output_error_against_plain_kmeans():
     assert errs[2] < 0.9 * errs[0], errs
 
 
+def test_feedback_start_runs_through_the_front_door_and_is_refused_where_it_does_nothing():
+    torch.manual_seed(0)
+    base = Chain(width=64, depth=1).eval()
+    batches = correlated_batches(width=64, rows=256)
+    x = torch.cat([b["x"] for b in batches])
+    H = x.T @ x / x.shape[0]
+    W = base.layers[0].weight.detach().clone()
+    errs = {}
+    for e_init, sweeps in (("nearest", 0), ("feedback", 1)):
+        model = Chain(width=64, depth=1).eval()
+        model.load_state_dict(base.state_dict())
+        cal = Calibrator(["layers.0"], batches, config=CalibrationConfig(e_sweeps=sweeps, e_init=e_init, local_rounds=0))
+        compresskit.compress(model, CompressConfig(method="pq", bits=2, params={"pool": False}), calibration=cal)
+        errs[e_init] = output_error(W, quantized_of(model.layers[0], "weight").dequantize(), H)
+    assert errs["feedback"] < 0.9 * errs["nearest"], errs
+    model = Chain(width=64, depth=1).eval()
+    cal = Calibrator(["layers.0"], batches, config=CalibrationConfig(e_init="feedback"))
+    with pytest.raises(CompressKitError, match="e_init would do nothing: they tune codebook quantizers, and 'gptq' is not one"):
+        compresskit.compress(model, CompressConfig(method="gptq", bits=2), calibration=cal)
+
+
 def test_em_round_with_task_loss_reduces_the_loss():
     torch.manual_seed(0)
     base = Chain(width=64, depth=2).eval()
