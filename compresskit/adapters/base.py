@@ -16,7 +16,7 @@ entry-point group ``compresskit.adapters`` (``name = "package.module:AdapterClas
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -195,9 +195,11 @@ class Adapter(ABC):
     def calibration_preset(self, name: str, **overrides: Any) -> CalibrationConfig:
         """The calibration preset ``name`` as this family runs it: the shared recipe
         (:meth:`CalibrationConfig.preset`), this family's ``preset_settings[name]`` on top, then
-        ``overrides``; validated. What the CLI's ``--preset`` resolves to."""
+        ``overrides``; validated. What the CLI's ``--preset`` resolves to. The family's settings are
+        marked (``from_family``), so a codebook-only one does not refuse a gptq or rtn run."""
         family, _ = self.preset_settings.get(name, ({}, ""))
-        return CalibrationConfig.preset(name, **{**family, **overrides})
+        config = CalibrationConfig.preset(name, **{**family, **overrides})
+        return replace(config, from_family=frozenset(family) - set(overrides))
 
     def supports(self, feature: str) -> bool:
         """Does this adapter implement the optional method ``feature`` (e.g. ``"distill_loss"``)?"""

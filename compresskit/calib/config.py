@@ -67,6 +67,10 @@ class CalibrationConfig:
     soft_candidates: int = 0  # > 0: VQ4DiT soft assignments over that many candidates in the block M-step
     entropy_weight: float = 1e-3  # pushes soft assignments towards one candidate as training goes
     logit_lr: float = 0.05  # soft-assignment logits move in logit units
+    # the settings a family's recipe chose (Adapter.calibration_preset), not the caller. A recipe is written for every
+    # method the family runs (e_init for codebook methods, under a gptq run too), so the checks that refuse a setting
+    # that would do nothing skip these; a setting the caller gives again leaves this set
+    from_family: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # ---- presets ------------------------------------------------------------------------------
     @classmethod
@@ -78,11 +82,11 @@ class CalibrationConfig:
 
     def with_settings(self, settings: dict[str, Any]) -> "CalibrationConfig":
         """This config with ``{field: value}`` changed (CLI ``--calib-set``); unknown names are an error."""
-        known = {f.name: f for f in fields(self)}
+        known = [f.name for f in fields(self) if f.name != "from_family"]
         unknown = sorted(set(settings) - set(known))
         if unknown:
             raise CompressKitError(f"unknown calibration setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
-        return replace(self, **settings).validated()
+        return replace(self, **settings, from_family=self.from_family - set(settings)).validated()
 
     # ---- validation ---------------------------------------------------------------------------
     def validated(self) -> "CalibrationConfig":
@@ -114,7 +118,7 @@ class CalibrationConfig:
         return self
 
     def _check_no_dead_settings(self, d: "CalibrationConfig") -> None:
-        changed = {f.name for f in fields(self) if getattr(self, f.name) != getattr(d, f.name)}
+        changed = {f.name for f in fields(self) if getattr(self, f.name) != getattr(d, f.name)} - self.from_family
 
         def refuse(names: set[str], why: str) -> None:
             hit = sorted(changed & names)
@@ -147,7 +151,7 @@ class CalibrationConfig:
             refuse({"asym_damp"}, "it regularises asymmetric targets, and asymmetric is off")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "from_family"}
 
 
 # Measured recipes (docs/BENCHMARKS.md has the figures and the commands that measured them).

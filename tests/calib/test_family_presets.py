@@ -43,6 +43,20 @@ def test_a_family_setting_that_makes_the_preset_invalid_is_refused():
         Broken().calibration_preset("fast")
 
 
+def test_a_family_setting_is_not_refused_as_the_callers_would_be():
+    class Codes(_Family):
+        preset_settings = {"fast": ({"e_init": "feedback"}, "a family whose codebook layers start from feedback codes")}
+
+    fast = Codes().calibration_preset("fast")
+    assert fast.e_init == "feedback" and fast.from_family == {"e_init"}
+    assert "from_family" not in fast.to_dict()  # reports and resume checks see the settings only
+    assert fast.with_settings({"e_sweeps": 0}).e_sweeps == 0  # the family's e_init is idle then, not the caller's mistake
+    with pytest.raises(CompressKitError, match="e_init would do nothing"):  # given by the caller, it is refused again
+        fast.with_settings({"e_init": "feedback", "e_sweeps": 0})
+    with pytest.raises(CompressKitError, match="unknown calibration setting"):
+        fast.with_settings({"from_family": frozenset()})
+
+
 def test_the_cli_preset_of_a_diffusion_model_is_the_measured_distillation():
     adapter = get_adapter("dit")()
     _, best, _ = build_configs(QuantizeRequest(model="fmnist-dit", preset="best", evaluate=False), adapter)

@@ -1,4 +1,6 @@
 """The block-wise calibrator through the front door, on small models."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -105,6 +107,10 @@ def test_feedback_start_runs_through_the_front_door_and_is_refused_where_it_does
     cal = Calibrator(["layers.0"], batches, config=CalibrationConfig(e_init="feedback"))
     with pytest.raises(CompressKitError, match="e_init would do nothing: they tune codebook quantizers, and 'gptq' is not one"):
         compresskit.compress(model, CompressConfig(method="gptq", bits=2), calibration=cal)
+    # a family's recipe (Adapter.calibration_preset) serves every method: its e_init does not refuse gptq
+    family = replace(CalibrationConfig(e_init="feedback"), from_family=frozenset({"e_init"}))
+    report = compresskit.compress(model, CompressConfig(method="gptq", bits=2), calibration=Calibrator(["layers.0"], batches, config=family))
+    assert [layer.name for layer in report.layers] == ["layers.0"]
 
 
 def test_em_round_with_task_loss_reduces_the_loss():
