@@ -63,6 +63,9 @@ def test_the_cli_preset_of_a_diffusion_model_is_the_measured_distillation():
     assert (best.m_objective, best.m_steps, best.m_samples, best.m_batch, best.n_samples) == ("distill", 400, 512, 16, 64)
     _, fast, _ = build_configs(QuantizeRequest(model="fmnist-dit", evaluate=False), adapter)
     assert fast.n_samples == 64 and fast.m_objective is None
+    assert best.e_init == fast.e_init == "feedback" and "e_init" in fast.from_family  # codebook layers start from feedback codes
+    _, plain, _ = build_configs(QuantizeRequest(model="fmnist-dit", calib_set={"e_init": "nearest"}, evaluate=False), adapter)
+    assert plain.e_init == "nearest" and "e_init" not in plain.from_family  # the caller's choice wins, and is the caller's
     _, mine, _ = build_configs(
         QuantizeRequest(model="fmnist-dit", preset="best", calib_set={"m_steps": 10}, calib_samples=8, evaluate=False), adapter
     )
