@@ -45,7 +45,8 @@ class DiffusionAdapter(Adapter):
         "pq:1": ({"d": 4, "k": 16},
                  "at 1 bit the 256-entry tables of 8-wide subvectors outgrow the small reference models' layers (1.66 bits/weight "
                  "on fmnist-dit, 2.17 on fmnist-unet); 16 entries of 4-wide subvectors keep the codes at 1 bit and the model at "
-                 "1.32 / 1.28, and with --preset best gave fid 2.43x FP on the DiT (median of 3 seeds) against 3.53x with the pool "
+                 "1.32 / 1.28, and with --preset best gave fid 2.32x FP on the DiT (median of 3 seeds; 2.43x before the walk "
+                 "started from feedback codes) against 3.53x with the pool "
                  "(docs/BENCHMARKS.md); --param d=8 --param k=256 for the paper's 1-bit shape"),
     }
     preset_settings = {
