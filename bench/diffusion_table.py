@@ -110,10 +110,13 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
 
 
 def label(row: dict) -> str:
-    """The row's method and ``--params``, with the M-step's objective, steps, images and lr where there is one (they vary between rows)."""
+    """The row's method and ``--params``, ``--calib-set`` and a non-default ``e_init``, with the M-step's objective, steps,
+    images and lr where there is one (they vary between rows)."""
     calibration = row.get("calibration") or {}
     name = row["method"] + "".join(f" {k}={v}" for k, v in (row.get("params") or {}).items())
     name += "".join(f" {k}={v}" for k, v in (row.get("calib_set") or {}).items() if k != "m_steps" or not calibration.get("m_objective"))
+    if calibration.get("e_init", "nearest") != "nearest" and "e_init" not in (row.get("calib_set") or {}):
+        name += f" e_init={calibration['e_init']}"  # a preset's start (the diffusion presets' since 3725a20): rows before it started from nearest codes
     if row["method"] in ("pq+em", *PRESET_ROWS) and calibration.get("m_objective"):
         dense = f", also {calibration['m_dense']}" if calibration.get("m_dense") else ""
         return f"{name} ({calibration['m_objective']}, {calibration['m_steps']} steps, {calibration['m_samples']} images, lr {calibration['lr']:g}{dense})"
