@@ -52,7 +52,7 @@ def cams_and_gt(out_dir=DEFAULT_OUT_DIR):
     train = orbit_cameras(**REC["cameras"]["train"])
     held = orbit_cameras(**REC["cameras"]["heldout"])
     if os.path.exists(cache):
-        c = torch.load(cache)
+        c = torch.load(cache, weights_only=True)
         return train, held, c["train"], c["held"]
     tgt = torch.stack([render_ground_truth(c) for c in train])
     hgt = torch.stack([render_ground_truth(c) for c in held])

@@ -74,7 +74,7 @@ K1 = (a.sh + 1) ** 2 - 1  # SH-rest coefficients per colour channel (15 at degre
 BANDS = {"f_rest1": (0, 3), "f_rest2": (3, 8), "f_rest3": (8, 15)}
 SH_ATTRS = ("f_rest",) + tuple(BANDS)  # the attributes that --sh-mask masks
 if a.init:
-    P0 = torch.load(a.init)
+    P0 = torch.load(a.init, weights_only=True)
 P0["f_rest"] = P0["f_rest"][:, :K1].contiguous()  # [N, K1, 3]
 params = {k: v.clone().requires_grad_(True) for k, v in P0.items()}
 mi, mf = (float(x) for x in a.means_lr.split(","))

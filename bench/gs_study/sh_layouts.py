@@ -12,7 +12,7 @@ from common import cams_and_gt, evaluate, importance, load_scene
 T0 = time.time()
 SRC = sys.argv[1] if len(sys.argv) > 1 else "ply"
 OUT = sys.argv[2] if len(sys.argv) > 2 else "/tmp/gs_study2"
-P = load_scene() if SRC == "ply" else {k: v for k, v in torch.load(SRC).items() if k in ("means", "f_dc", "f_rest", "opacities", "scales", "quats")}
+P = load_scene() if SRC == "ply" else {k: v for k, v in torch.load(SRC, weights_only=True).items() if k in ("means", "f_dc", "f_rest", "opacities", "scales", "quats")}
 N = P["means"].shape[0]
 train, held, tgt, hgt = cams_and_gt(OUT)
 base = evaluate(P, held, hgt)[0]
