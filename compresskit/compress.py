@@ -191,9 +191,7 @@ def _kept_dense(model: nn.Module, config: CompressConfig, adapter: Adapter | Non
 def _check_settings_apply(config: CompressConfig, calibration: CalibrationConfig, targets: list[Target]) -> None:
     """Layer-objective settings that no selected quantizer can use would do nothing: refuse them (not those a
     family's recipe chose, ``calibration.from_family``: a recipe serves every method the family runs)."""
-    defaults = CalibrationConfig()
-    changed = [k for k in ("e_sweeps", "e_init", "local_rounds", "cg_iters")
-               if getattr(calibration, k) != getattr(defaults, k) and k not in calibration.from_family]
+    changed = [k for k in ("e_sweeps", "e_init", "local_rounds", "cg_iters") if k in calibration.changed_by_caller()]
     if not changed:
         return
     if not any(config.layer_quantizer(o).supports_codebook_update for o in [None, *(o for _, o in config.overrides)]):

@@ -82,10 +82,9 @@ class CalibrationConfig:
 
     def with_settings(self, settings: dict[str, Any]) -> "CalibrationConfig":
         """This config with ``{field: value}`` changed (CLI ``--calib-set``); unknown names are an error."""
-        known = [f.name for f in fields(self) if f.name != "from_family"]
-        unknown = sorted(set(settings) - set(known))
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise CompressKitError(f"unknown calibration setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+            raise CompressKitError(f"unknown calibration setting(s) {', '.join(unknown)}; valid: {', '.join(SETTINGS)}")
         return replace(self, **settings, from_family=self.from_family - set(settings)).validated()
 
     # ---- validation ---------------------------------------------------------------------------
@@ -114,11 +113,11 @@ class CalibrationConfig:
             raise CompressKitError(f"e_init must be one of {', '.join(E_INITS)}, got {self.e_init!r}")
         if not self.asym_damp > 0:
             raise CompressKitError(f"asym_damp must be > 0, got {self.asym_damp!r}")
-        self._check_no_dead_settings(defaults)
+        self._check_no_dead_settings()
         return self
 
-    def _check_no_dead_settings(self, d: "CalibrationConfig") -> None:
-        changed = {f.name for f in fields(self) if getattr(self, f.name) != getattr(d, f.name)} - self.from_family
+    def _check_no_dead_settings(self) -> None:
+        changed = self.changed_by_caller()
 
         def refuse(names: set[str], why: str) -> None:
             hit = sorted(changed & names)
@@ -150,8 +149,17 @@ class CalibrationConfig:
         if not self.asymmetric:
             refuse({"asym_damp"}, "it regularises asymmetric targets, and asymmetric is off")
 
+    def changed_by_caller(self) -> set[str]:
+        """The settings that differ from the defaults, less those a family's recipe chose (``from_family``):
+        what the checks for settings that would do nothing look at."""
+        defaults = CalibrationConfig()
+        return {name for name in SETTINGS if getattr(self, name) != getattr(defaults, name)} - self.from_family
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "from_family"}
+        return {name: getattr(self, name) for name in SETTINGS}
+
+
+SETTINGS = tuple(f.name for f in fields(CalibrationConfig) if f.name != "from_family")  # what a caller sets (from_family is bookkeeping)
 
 
 # Measured recipes (docs/BENCHMARKS.md has the figures and the commands that measured them).
