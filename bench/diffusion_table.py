@@ -103,7 +103,8 @@ def run_one(model: str, method: str, bits: int | None, args: argparse.Namespace)
     row["seconds_compress"] = time.perf_counter() - t0
     rows = []
     for seed in args.eval_seeds:
-        spec = adapter.eval_spec(seed=seed, options={"n_samples": args.n_samples, "steps": args.steps, "effnet": not args.no_effnet})
+        options = {"n_samples": args.n_samples, "steps": args.steps, "effnet": not args.no_effnet, "vs_source": args.vs_source}
+        spec = adapter.eval_spec(seed=seed, options=options)
         t1 = time.perf_counter()
         rows.append({**row, "eval_seed": seed, **adapter.evaluate(loaded, spec), "seconds_eval": time.perf_counter() - t1})
     return rows
@@ -163,19 +164,29 @@ def summary(paths: list[str]) -> None:
     rows = read_rows(paths)
     fp = {reference_key(r): r for r in rows if r["method"] == "fp"}
     groups: dict[tuple, dict[str, list[float]]] = {}
+    source_keys = ("fid_source", "fid_effnet_source")
     for r in rows:
         ref = fp.get(reference_key(r))
-        if ref is None or r["method"] == "fp":
+        if ref is None:
             continue
-        g = groups.setdefault((r["model"], label(r), r["bits"], f"{r['bits_per_weight_layers']:.3f}"), {"fid": [], "fid_effnet": []})
-        for k in g:
-            if r.get(k) is not None and ref.get(k):
+        g = groups.setdefault((r["model"], label(r), r["bits"], f"{r['bits_per_weight_layers']:.3f}"), {"fid": [], "fid_effnet": [], **{k: [] for k in source_keys}})
+        for k in ("fid", "fid_effnet"):
+            if r.get(k) is not None and ref.get(k) and r["method"] != "fp":
                 g[k].append(r[k] / ref[k])
-    print("| model | method | bits | bits/weight (layers) | seeds | fid x FP, median (range) | fid_effnet x FP, median (range) |")
-    print("|---|---|---|---|---|---|---|")
+        for k in source_keys:  # raw distances: the FP row's own is the sampling floor
+            if r.get(k) is not None:
+                g[k].append(r[k])
+    cell = lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else (f"{v[0]:.2f}" if v else "-")  # noqa: E731
+    with_source = any(g[k] for g in groups.values() for k in source_keys)
+    print("| model | method | bits | bits/weight (layers) | seeds | fid x FP, median (range) | fid_effnet x FP, median (range) |"
+          + (" fid_source | fid_effnet_source |" if with_source else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if with_source else ""))
     for (model, name, bits, bpw), g in groups.items():
-        cell = lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else (f"{v[0]:.2f}" if v else "-")  # noqa: E731
-        print(f"| {model} | {name} | {bits} | {bpw} | {len(g['fid'])} | {cell(g['fid'])} | {cell(g['fid_effnet'])} |")
+        if not any(g.values()):
+            continue  # an FP row without fid_source: nothing to say
+        seeds = max(len(g["fid"]), len(g["fid_source"]))
+        print(f"| {model} | {name} | {bits or '-'} | {bpw} | {seeds} | {cell(g['fid'])} | {cell(g['fid_effnet'])} |"
+              + (f" {cell(g['fid_source'])} | {cell(g['fid_effnet_source'])} |" if with_source else ""))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -188,6 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--params", type=json.loads, default={}, help="quantizer parameters for every row's method, as JSON")
     p.add_argument("--eval-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                    help="comma-separated sampling seeds; each compressed model is evaluated once per seed (rows carry eval_seed)")
+    p.add_argument("--vs-source", action="store_true", help="also fid_source / fid_effnet_source: the distances to the FP model's "
+                   "images (other seeds; the fp row's own is the sampling floor). Sampling takes twice as long")
     p.add_argument("--no-effnet", action="store_true", help="skip fid_effnet (EfficientNet-Lite0 at 224 px is the slow part)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--em-rounds", type=int, default=1)

@@ -8,6 +8,7 @@ sample``) are defined once, here.
 from __future__ import annotations
 
 from abc import abstractmethod
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -19,6 +20,7 @@ from compresskit.adapters.diffusion import ddpm
 from compresskit.adapters.diffusion.ddpm import CFG_SCALE, CLASS_DROPOUT, GaussianDiffusion
 from compresskit.adapters.diffusion.metrics import FID_SAMPLES, evaluate_sampler
 from compresskit.errors import CompressKitError
+from compresskit.io import MANIFEST, read_manifest
 
 PICTURE_CHANNELS = (1, 3)  # grey or RGB pixels; other channel counts are latents, which need a VAE to be seen
 
@@ -35,6 +37,8 @@ class DiffusionAdapter(Adapter):
         "cfg_scale": Option(CFG_SCALE, "classifier-free guidance scale on the epsilon channels (a float, e.g. 1.5)"),
         "n_samples": Option(FID_SAMPLES, "generated images, scored against as many test images"),
         "effnet": Option(True, "also compute fid_effnet on EfficientNet-Lite0 features"),
+        "vs_source": Option(False, "also sample the uncompressed model this one was compressed from (other seeds) and report "
+                                   "fid_source / fid_effnet_source, the Fréchet distances to its images (evaluation takes twice as long)"),
     }
     sample_options = {"steps": eval_options["steps"], "cfg_scale": eval_options["cfg_scale"]}  # pictures are drawn as evaluation draws them
     method_defaults = {
@@ -135,14 +139,28 @@ class DiffusionAdapter(Adapter):
         """``n_samples`` images sampled with ``steps`` respaced DDPM steps and guidance ``cfg_scale``
         (:func:`.metrics.evaluate_sampler`, seeded by ``spec.seed``), against as many test images:
         ``fid`` and ``is`` on the project's Fashion-MNIST classifier, ``fid_effnet`` on EfficientNet-Lite0
-        (or ``fid_effnet_skipped``, the reason), plus the settings used."""
+        (or ``fid_effnet_skipped``, the reason), plus the settings used. Option ``vs_source``: also
+        ``fid_source`` / ``fid_effnet_source`` against the uncompressed model's images (:meth:`_uncompressed`)."""
         model = self.fmnist_denoiser(loaded, "evaluation")
+        source_model = self.fmnist_denoiser(self._uncompressed(loaded), "evaluation against the source") if self.option(spec, "vs_source") else None
         with torch.no_grad():
             return evaluate_sampler(
                 model, steps=self.option(spec, "steps"), n_samples=self.option(spec, "n_samples"), seed=spec.seed,
                 cfg_scale=float(self.option(spec, "cfg_scale")), effnet=self.option(spec, "effnet"), source=spec.source,
-                variance=self.sampling_variance(model),
+                variance=self.sampling_variance(model), source_model=source_model,
             )
+
+    def _uncompressed(self, loaded: LoadedModel) -> LoadedModel:
+        """The model ``loaded`` was compressed from, loaded afresh: a compressed directory's recorded
+        source, else ``loaded.source`` itself (the model being compressed in this process, or an
+        uncompressed model, which then meets its own sampling floor)."""
+        directory = Path(loaded.resolved)
+        if (directory / MANIFEST).is_file():
+            recorded = read_manifest(directory).get("source", {}).get("model")
+            if not recorded:
+                raise CompressKitError(f"{directory} records no source model to compare with (vs_source needs one)")
+            return self.load(recorded)
+        return self.load(loaded.source)
 
 
     def sample(self, loaded: LoadedModel, labels: torch.Tensor, seed: int = 0, options: Mapping[str, Any] | None = None) -> torch.Tensor:

@@ -14,6 +14,11 @@ extractors instead, and says so in the metric names:
   ``efficientnet-lite-pytorch``), on images upsampled to 224 x 224, replicated to 3 channels and
   normalised with ImageNet's mean and std: a generic feature space the classifier was not
   trained in. Without the packages the metric is skipped and the result says why in one line.
+* ``fid_source`` / ``fid_effnet_source`` (on request, ``evaluate_sampler(source_model=...)``): the same
+  two distances measured against images of the uncompressed model the evaluated one was compressed
+  from, drawn with other seeds: how far compression moved the model's distribution, apart from how
+  far the uncompressed model already is from the data. Two draws of one model are not at 0 (the
+  sampling floor, what the uncompressed model scores against itself).
 
 The classifier reaches 0.9176 test accuracy; with it, two disjoint halves of the test split are at
 ``fid`` 0.81 and clipped Gaussian noise at 501, and the test split scores ``is`` 8.17 (see
@@ -48,6 +53,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FID_SAMPLES = 1000  # generated and reference images per evaluation
 EFFNET_SIZE = 224  # EfficientNet-Lite0's training resolution
+SOURCE_SEED_OFFSET = 10_000  # the uncompressed model's images for fid_source: seeds no evaluation of the compressed model uses
 
 
 class FMNISTClassifier(nn.Module):
@@ -217,24 +223,64 @@ def effnet_features(images: torch.Tensor, size: int = EFFNET_SIZE, batch_size: i
 
 # ---- everything at once -------------------------------------------------------------------------------
 def image_metrics(
-    samples: torch.Tensor, reference: torch.Tensor, *, effnet: bool = True, effnet_size: int = EFFNET_SIZE
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    effnet: bool = True,
+    effnet_size: int = EFFNET_SIZE,
+    source: torch.Tensor | None = None,
 ) -> dict[str, float | str]:
     """``fid`` and ``is`` (classifier), ``fid_effnet`` (EfficientNet-Lite0) of ``samples`` against
     ``reference`` (both float ``[N, 1, 32, 32]`` in [-1, 1], e.g. generated images and test images).
 
-    When the EfficientNet packages are missing, ``fid_effnet`` is absent and ``fid_effnet_skipped``
-    holds the one-line reason; ``effnet=False`` skips it on purpose (the reason says so). ``is`` is
-    computed on the samples only, over the whole set (``splits=1``).
+    ``source``: images of the model the samples' model was compressed from, drawn with other seeds
+    (float ``[M, 1, 32, 32]``): adds ``fid_source`` (and ``fid_effnet_source``), the Fréchet
+    distances of the samples to them, in the same two feature spaces.
+
+    When the EfficientNet packages are missing, the ``fid_effnet`` keys are absent and
+    ``fid_effnet_skipped`` holds the one-line reason; ``effnet=False`` skips them on purpose (the
+    reason says so). ``is`` is computed on the samples only, over the whole set (``splits=1``).
     """
     f_s, p_s = classifier_outputs(samples)
     f_r, _ = classifier_outputs(reference)
     result: dict[str, float | str] = {"fid": fid_from_features(f_s, f_r), "is": inception_score(p_s)}
+    if source is not None:
+        result["fid_source"] = fid_from_features(f_s, classifier_outputs(source)[0])
     reason = effnet_missing() if effnet else "not requested (effnet=False)"
     if reason is None:
-        result["fid_effnet"] = fid_from_features(effnet_features(samples, effnet_size), effnet_features(reference, effnet_size))
+        e_s = effnet_features(samples, effnet_size)
+        result["fid_effnet"] = fid_from_features(e_s, effnet_features(reference, effnet_size))
+        if source is not None:
+            result["fid_effnet_source"] = fid_from_features(e_s, effnet_features(source, effnet_size))
     else:
         result["fid_effnet_skipped"] = reason
     return result
+
+
+def draw_samples(
+    model: Model,
+    n_samples: int,
+    *,
+    steps: int,
+    seed: int,
+    cfg_scale: float = CFG_SCALE,
+    variance: str = "fixed_small",
+    batch_size: int = 250,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``n_samples`` images float ``[N, 1, 32, 32]`` (CPU) as evaluation draws them: class ``i % 10``
+    for sample ``i``, ``steps`` respaced DDPM steps, guidance ``cfg_scale``, batch ``k`` of
+    ``batch_size`` seeded ``seed * 1_000_003 + k``; the model runs on ``device`` (default: its
+    parameters' device, else the CPU)."""
+    if device is None:
+        param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        device = param.device if param is not None else "cpu"
+    diffusion = GaussianDiffusion.linear().respaced(steps)
+    labels = torch.arange(n_samples, device=device) % NUM_CLASSES
+    return torch.cat([
+        diffusion.sample(model, y, IMAGE_SHAPE, null_class=NULL_CLASS, cfg_scale=cfg_scale, seed=seed * 1_000_003 + k, variance=variance).cpu()
+        for k, y in enumerate(labels.split(batch_size))
+    ])
 
 
 def evaluate_sampler(
@@ -248,27 +294,24 @@ def evaluate_sampler(
     batch_size: int = 250,
     effnet: bool = True,
     source: str | Path | None = None,
+    source_model: Model | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, float | str]:
     """Sample ``n_samples`` Fashion-MNIST images from ``model`` (the diffusion model interface) with
-    ``steps`` respaced DDPM steps and guidance ``cfg_scale``, and score them with :func:`image_metrics`
-    against the first ``n_samples`` test images.
+    ``steps`` respaced DDPM steps and guidance ``cfg_scale`` (:func:`draw_samples`), and score them
+    with :func:`image_metrics` against the first ``n_samples`` test images of ``source``.
 
     Classes are balanced (sample ``i`` has class ``i % 10``); batch ``k`` of ``batch_size`` samples
     uses the seed ``seed * 1_000_003 + k``, so the same model and arguments give the same images and
-    numbers. ``device``: where the model runs (default: its parameters' device, else the CPU). The
-    result also holds ``steps``, ``cfg_scale`` and ``n_samples``.
+    numbers. ``source_model``: the uncompressed model, sampled the same way with the seed
+    ``seed + SOURCE_SEED_OFFSET`` (no noise shared with ``model``'s images), which adds
+    ``fid_source`` / ``fid_effnet_source``. ``device``: where the models run (default: each one's
+    parameters' device, else the CPU). The result also holds ``steps``, ``cfg_scale`` and ``n_samples``.
     """
     reference, _ = eval_images(n_samples, source)
-    if device is None:
-        param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-        device = param.device if param is not None else "cpu"
-    diffusion = GaussianDiffusion.linear().respaced(steps)
-    labels = torch.arange(n_samples, device=device) % NUM_CLASSES
-    samples = torch.cat([
-        diffusion.sample(model, y, IMAGE_SHAPE, null_class=NULL_CLASS, cfg_scale=cfg_scale, seed=seed * 1_000_003 + k, variance=variance).cpu()
-        for k, y in enumerate(labels.split(batch_size))
-    ])
-    result = image_metrics(samples, reference, effnet=effnet)
+    draw = dict(steps=steps, cfg_scale=cfg_scale, variance=variance, batch_size=batch_size, device=device)
+    samples = draw_samples(model, n_samples, seed=seed, **draw)
+    source_samples = None if source_model is None else draw_samples(source_model, n_samples, seed=seed + SOURCE_SEED_OFFSET, **draw)
+    result = image_metrics(samples, reference, effnet=effnet, source=source_samples)
     result.update(steps=float(steps), cfg_scale=float(cfg_scale), n_samples=float(n_samples))
     return result

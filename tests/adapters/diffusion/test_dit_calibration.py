@@ -18,6 +18,7 @@ from compresskit.adapters.diffusion import metrics
 from compresskit.calib.config import CalibrationConfig
 from compresskit.cli.main import main
 from compresskit.errors import CompressKitError
+from compresskit.io import load_compressed as compresskit_load
 from compresskit.nn.quantized import quantized_tensors
 
 FMNIST_DIT = DiTConfig(input_size=32, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
@@ -187,3 +188,29 @@ def test_cli_quantize_then_eval_gives_the_same_fid(fmnist_dir, tmp_path, capsys)
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["adapter"] == "dit" and evaluated["primary_metric"] == "fid"
     assert evaluated["metrics"]["fid"] == after["fid"]  # the saved model samples exactly as the in-memory one
+
+
+def test_vs_source_measures_the_distance_to_the_uncompressed_models_images(fmnist_dir, tmp_path, capsys):
+    weights = tmp_path / "tiny-dit.safetensors"
+    save_file(tiny_dit().state_dict(), str(weights))
+    weights.with_suffix(".json").write_text(json.dumps({"architecture": FMNIST_DIT.to_dict()}))
+    out = tmp_path / "out"
+    main(["quantize", "--model", str(weights), "--method", "rtn", "--bits", "2", "--preset", "none", "--no-eval", "--out", str(out)])
+    capsys.readouterr()
+    options = [a for k, v in {**EVAL, "vs_source": True}.items() for a in ("--option", f"{k}={json.dumps(v)}")]
+    main(["eval", str(out), "--json", *options])
+    result = json.loads(capsys.readouterr().out)["metrics"]
+    compressed = ADAPTER.fmnist_denoiser(compresskit_load(out)[0], "test")
+    draw = dict(steps=EVAL["steps"], variance=ADAPTER.sampling_variance(compressed))
+    mine = metrics.draw_samples(compressed, EVAL["n_samples"], seed=0, **draw)
+    theirs = metrics.draw_samples(tiny_dit(), EVAL["n_samples"], seed=metrics.SOURCE_SEED_OFFSET, **draw)  # the source, other seeds
+    features = [metrics.classifier_outputs(images)[0] for images in (mine, theirs)]
+    assert result["fid_source"] == pytest.approx(metrics.fid_from_features(*features))
+    assert "fid_effnet_source" not in result  # effnet=False skips both effnet distances
+    floor = ADAPTER.evaluate(ADAPTER.load(str(weights)), ADAPTER.eval_spec(options={**EVAL, "vs_source": True}))
+    assert 0 < floor["fid_source"] != result["fid_source"]  # two draws of one model are apart: the sampling floor
+    assert "fid_source" not in ADAPTER.evaluate(loaded(), ADAPTER.eval_spec(options=EVAL))  # only on request
+    weights.unlink()
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(out), *options])
+    assert exit_.value.code != 0 and "tiny-dit.safetensors" in capsys.readouterr().err
