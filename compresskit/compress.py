@@ -10,6 +10,9 @@
    compressed tensor in place (``compresskit.nn``);
 5. report sizes (all-in) and weight errors per target.
 
+Before 1, the adapter's preparation step (``Adapter.prepare`` with ``CompressConfig.prepare``) may
+change the model: a 3DGS scene pruned and fine-tuned. Its record goes to ``report.preparation``.
+
 The CLI parses strings into exactly these arguments and calls this function.
 """
 from __future__ import annotations
@@ -69,6 +72,9 @@ def compress(
     if not isinstance(module, nn.Module):
         raise CompressKitError(f"compress expects a torch.nn.Module or a LoadedModel, got {type(module).__name__}")
     config = _with_adapter_defaults(config or CompressConfig(), adapter).validated()
+    if isinstance(calibration, CalibrationConfig):
+        calibration = calibration.validated()  # a bad setting fails before a long preparation
+    preparation = _prepare(loaded, config, adapter, progress, comm)
     if example_inputs is None and adapter is not None and loaded is not None:
         example_inputs = adapter.example_inputs(loaded)
     args, kwargs = example_inputs or ((), {})
@@ -127,7 +133,26 @@ def compress(
     report.notes = notes
     report.dense_dtype = config.dense_dtype
     report.calibration = {} if calibrator is None else {**calibrator.config.to_dict(), "asymmetric_used": calibrator.asymmetric}
+    report.preparation = preparation
     return report
+
+
+def _prepare(loaded: LoadedModel | None, config: CompressConfig, adapter: Adapter | None, progress, comm) -> dict[str, Any]:
+    """Run the family's preparation step (:meth:`Adapter.prepare`) with ``config.prepare``; its record."""
+    if adapter is None:
+        if config.prepare:
+            raise CompressKitError(f"preparation options {', '.join(map(repr, config.prepare))} need the model family's adapter: compress(loaded, config, adapter=...)")
+        return {}
+    settings = adapter.prepare_settings(config.prepare)  # unknown names, wrong types and ranges: one line each
+    if not adapter.supports("prepare"):
+        return {}
+    if loaded is None:
+        if config.prepare:
+            raise CompressKitError("preparing the model needs the LoadedModel the adapter returned: compress(loaded, ...)")
+        return {}
+    if comm is not None and config.prepare:
+        raise CompressKitError("preparation options cannot run distributed yet; run them in one process (no torchrun)")
+    return adapter.prepare(loaded, settings, progress)
 
 
 def choose_targets(module: nn.Module, config: CompressConfig, adapter: Adapter | None, args: tuple = (), kwargs: dict | None = None):

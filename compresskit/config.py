@@ -25,6 +25,9 @@ class CompressConfig:
     the CLI's spelling of a method at a width) holds defaults for that width only, on top of the
     method's. Those are a layout (``d`` and ``k`` together set the rate), so a layer whose user
     parameters set any of its keys gets none of them (see :meth:`params_for`).
+    ``prepare`` are the family's preparation options (:attr:`Adapter.prepare_options`, e.g. a 3DGS
+    scene's ``{"prune": 0.5}``): :func:`compresskit.compress` hands them to the adapter's
+    :meth:`~compresskit.adapters.Adapter.prepare`, which changes the model before its targets are found.
     """
 
     method: str = "pq"
@@ -37,6 +40,7 @@ class CompressConfig:
     include_embeddings: bool = False
     dense_dtype: str = "float16"  # how everything kept dense is stored (and rounded to in memory)
     method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prepare: dict[str, Any] = field(default_factory=dict)
 
     def validated(self) -> "CompressConfig":
         """Check that every method named exists and its parameters are accepted; returns self."""

@@ -41,6 +41,7 @@ class CompressionReport:
     notes: dict[str, str] = field(default_factory=dict)  # layer name -> how its quantizer was adapted to it
     dense_dtype: str = "float16"
     calibration: dict[str, Any] = field(default_factory=dict)  # the CalibrationConfig used ({}: none)
+    preparation: dict[str, Any] = field(default_factory=dict)  # what Adapter.prepare did ({}: nothing)
 
     @property
     def compressed(self) -> SizeReport:
@@ -75,6 +76,7 @@ class CompressionReport:
             "notes": self.notes,
             "dense_dtype": self.dense_dtype,
             "calibration": self.calibration,
+            "preparation": self.preparation,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 

@@ -90,7 +90,8 @@ class Adapter(ABC):
     uses unless the user sets them (a key ``"method:bits"``, e.g. ``"pq:1"``, holds a layout for that width only,
     dropped whole where the user sets any of its keys: :meth:`CompressConfig.params_for`); ``preset_settings`` ``{preset: ({setting: value}, why)}`` calibration
     settings a named preset takes on this family (:meth:`calibration_preset`), under the user's; ``primary_metric`` the key of :meth:`evaluate`'s result that ranks
-    models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options.
+    models, and ``higher_is_better``; ``calib_options`` / ``eval_options`` the family's data options;
+    ``prepare_options`` the settings of the family's preparation step (:meth:`prepare`).
 
     Required: :meth:`load`, :meth:`calibration_batches`, :meth:`evaluate`. Everything else is optional
     and says so with one clear error when a feature that needs it is asked for; an image family adds
@@ -107,6 +108,7 @@ class Adapter(ABC):
     calib_options: ClassVar[dict[str, Option]] = {}
     eval_options: ClassVar[dict[str, Option]] = {}
     sample_options: ClassVar[dict[str, Option]] = {}  # for :meth:`sample`, when the family can draw pictures
+    prepare_options: ClassVar[dict[str, Option]] = {}  # for :meth:`prepare` (CompressConfig.prepare)
     # batch entries the task loss reads but the model does not take (a diffusion batch's noise): the
     # calibrator leaves them out of every model call
     loss_keys: ClassVar[tuple[str, ...]] = ()
@@ -186,6 +188,20 @@ class Adapter(ABC):
     def distill_loss(self, model: nn.Module, batch: Batch, targets: Any) -> torch.Tensor:
         """How far ``model``'s prediction on ``batch`` is from ``targets`` (scalar, 0 when equal)."""
         raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use the task or block objective")
+
+    def prepare(self, loaded: LoadedModel, options: Mapping[str, Any], progress=None) -> dict[str, Any]:
+        """Change ``loaded.model`` in place before :func:`compresskit.compress` finds its targets (a 3DGS
+        scene pruned and fine-tuned); ``options`` are :meth:`prepare_settings`' (defaults filled in),
+        ``progress(description, i, total)`` as :func:`compress`'s. Returns a JSON-able record of what
+        was done (``{}``: nothing), kept as ``CompressionReport.preparation`` and in the manifest.
+        Whatever evaluation compares with (the uncompressed model) must stay the original. Default:
+        nothing to prepare."""
+        return {}
+
+    def prepare_settings(self, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:attr:`prepare_options` validated, their defaults filled in (what :meth:`prepare` gets); a
+        family may add its own range checks on top (one line each, before anything is loaded)."""
+        return _options(self.name, "preparation", self.prepare_options, options or {})
 
     def option(self, spec: DataSpec | EvalSpec, key: str) -> Any:
         """``spec.options[key]``, or this adapter's declared default when the spec was built without it."""

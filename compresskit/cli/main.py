@@ -119,7 +119,7 @@ def quantize(
     calib_samples: Optional[int] = typer.Option(None, help="Calibration samples (default: the preset's, 16)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate before and after compressing."),
     eval_data: Optional[str] = typer.Option(None, help="Evaluation data source (default: the family's own)."),
-    option: Optional[list[str]] = typer.Option(None, help="Family data option NAME=VALUE for calibration or evaluation, e.g. seq_len=512 (repeatable)."),
+    option: Optional[list[str]] = typer.Option(None, help="Family option NAME=VALUE for calibration, evaluation or the family's preparation step, e.g. seq_len=512, prune=0.5 (repeatable)."),
     stream: bool = typer.Option(False, "--stream", help="Block by block from the checkpoint's safetensors files, never the whole model in memory (no evaluation; see docs/streaming.md)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the unfinished --stream run writing --out from its last finished block (implies --stream)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

@@ -81,16 +81,19 @@ def build_configs(req: QuantizeRequest, adapter):
     from compresskit.config import CompressConfig
     from compresskit.rewrite import parse_override
 
+    calib_options = {k: v for k, v in req.options.items() if k in adapter.calib_options}
+    eval_options = {k: v for k, v in req.options.items() if k in adapter.eval_options}
+    prepare_options = {k: v for k, v in req.options.items() if k in adapter.prepare_options}
+    unknown = sorted(set(req.options) - set(calib_options) - set(eval_options) - set(prepare_options))
+    if unknown:
+        valid = ", ".join([*adapter.calib_options, *adapter.eval_options, *adapter.prepare_options]) or "none"
+        raise CompressKitError(f"the {adapter.name!r} adapter has no option {', '.join(map(repr, unknown))}; valid: {valid}")
+    adapter.prepare_settings(prepare_options)  # validate now, before anything is loaded
     config = CompressConfig(
         method=req.method, bits=req.bits, params=req.params, include=req.include, exclude=req.exclude,
         overrides=tuple(parse_override(o) for o in req.overrides), include_embeddings=req.embeddings,
+        prepare=prepare_options,
     ).validated()
-    calib_options = {k: v for k, v in req.options.items() if k in adapter.calib_options}
-    eval_options = {k: v for k, v in req.options.items() if k in adapter.eval_options}
-    unknown = sorted(set(req.options) - set(calib_options) - set(eval_options))
-    if unknown:
-        valid = ", ".join([*adapter.calib_options, *adapter.eval_options]) or "none"
-        raise CompressKitError(f"the {adapter.name!r} adapter has no option {', '.join(map(repr, unknown))}; valid: {valid}")
     calibration = None
     if req.preset == "none":
         given = [f for f, v in (("--calib-set", req.calib_set), ("--calib-data", req.calib_data), ("--calib-samples", req.calib_samples)) if v]

@@ -96,6 +96,8 @@ def compress_streaming(
     if not adapter.supports("load_empty"):
         adapter.load_empty(spec)  # raises the adapter's one-line refusal
     config = _with_adapter_defaults(config or CompressConfig(), adapter).validated()
+    if config.prepare:
+        raise CompressKitError("preparation options (CompressConfig.prepare, --option) need the whole model in memory; they cannot go with --stream / --resume")
     if calibration is not None:
         calibration = calibration.validated()
         if calibration.em_rounds or calibration.m_objective in ("task", "distill"):
