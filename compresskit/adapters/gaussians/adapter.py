@@ -8,8 +8,12 @@ quantizer (one row of N logits, one scale); ``gaussians.means`` with a 16-bit sc
 coordinate (finer than float16 inside a bounded scene), or kept float16 with ``--exclude
 gaussians.means``. The user's ``--override`` wins over both.
 
+Preparation (``--option prune=0.5``, ``prune.py``): before the targets are found, the least important
+Gaussians are dropped and the rest fine-tuned against the uncompressed scene's renders; evaluation
+and the ratios still compare with the original, unpruned ``.ply``.
+
 Calibration renders: a batch is one calibration camera and the uncompressed scene's picture from
-it; the task loss is 3DGS's training loss, ``0.8 L1 + 0.2 D-SSIM`` of the render against that
+it (the unpruned scene's, when the scene was pruned); the task loss is 3DGS's training loss, ``0.8 L1 + 0.2 D-SSIM`` of the render against that
 picture, so the EM M-step trains the codebooks through the differentiable CPU renderer.
 Evaluation renders the held-out cameras (``views.py``) and compares with the uncompressed scene's
 renders (``psnr``, ``ssim``), with the ground truth where there is one (the reference scene:
@@ -29,6 +33,7 @@ from compresskit.adapters.base import Adapter, DataSpec, EvalSpec, LoadedModel, 
 from compresskit.adapters.gaussians.camera import Camera
 from compresskit.adapters.gaussians.image_metrics import psnr, render_loss, ssim
 from compresskit.adapters.gaussians.ply import ATTRIBUTES, write_ply
+from compresskit.adapters.gaussians.prune import PruneSettings, prune_scene
 from compresskit.adapters.gaussians.render import render, render_views
 from compresskit.adapters.gaussians.scene import GaussianScene
 from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
@@ -74,6 +79,12 @@ class GaussianSplatAdapter(Adapter):
     }
     calib_options = {"calib_size": Option(64, "longest image side in pixels of the calibration renders")}
     eval_options = {"eval_size": Option(96, "longest image side in pixels of the evaluation renders")}
+    prepare_options = {
+        "prune": Option(0.0, "fraction of the Gaussians to drop before compressing, least important first (0: none)"),
+        "prune_steps": Option(PruneSettings.steps, "fine-tuning steps after pruning, one calibration view each, against the uncompressed renders (0: none)"),
+        "prune_lr": Option(PruneSettings.lr_scale, "factor on 3DGS's per-attribute learning rates for the fine-tuning"),
+        "prune_size": Option(PruneSettings.size, "longest image side in pixels of the renders pruning and fine-tuning use"),
+    }
     loss_keys = ("target",)
 
     @classmethod
@@ -117,6 +128,27 @@ class GaussianSplatAdapter(Adapter):
             "gaussians.means": Layout(out_axis=1, inputs="none"),  # [N, 3] -> a row per coordinate
         }
 
+    # ---- preparation: pruning -------------------------------------------------------------------
+    def prepare_settings(self, options=None) -> dict[str, Any]:
+        settings = super().prepare_settings(options)
+        PruneSettings.from_options(settings)  # ranges, and settings that would do nothing
+        return settings
+
+    def prepare(self, loaded: LoadedModel, options, progress=None) -> dict[str, Any]:
+        """Prune ``options["prune"]`` of the Gaussians and fine-tune the rest (``prune.py``), in place.
+        The unpruned scene stays in ``loaded.extras["teacher"]``: calibration renders its targets from
+        it, and ``extras["original"]`` (what evaluation compares with) still names the unpruned ``.ply``."""
+        settings = PruneSettings.from_options(options)
+        if settings.fraction == 0.0:
+            return {}
+        model: SplatModel = loaded.model
+        cameras = [fit_camera(c, settings.size) for c in loaded.extras["views"].calibration]
+        teacher = model.gaussians
+        model.gaussians, record = prune_scene(teacher, cameras, settings, progress)
+        loaded.extras["teacher"] = loaded.extras.get("teacher", teacher)
+        loaded.extras["preparation"] = record
+        return record
+
     # ---- calibration ---------------------------------------------------------------------------
     def calibration_batches(self, loaded: LoadedModel, data: DataSpec) -> list[dict[str, Any]]:
         views: Views = loaded.extras["views"]
@@ -126,10 +158,11 @@ class GaussianSplatAdapter(Adapter):
         order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(data.seed))[: data.n_samples]
         size = self.option(data, "calib_size")
         model: SplatModel = loaded.model
+        teacher = SplatModel(loaded.extras["teacher"], model.cameras) if "teacher" in loaded.extras else model  # the unpruned scene
         batches = []
         with torch.no_grad():
             for i in order.tolist():  # calibration cameras come first in the model's list
-                batches.append({"camera_index": torch.tensor([i]), "size": size, "target": model(torch.tensor([i]), size)})
+                batches.append({"camera_index": torch.tensor([i]), "size": size, "target": teacher(torch.tensor([i]), size)})
         return batches
 
     def task_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -169,7 +202,7 @@ class GaussianSplatAdapter(Adapter):
         record = {
             "format_version": 1, "num_gaussians": model.gaussians.num_gaussians, "sh_degree": model.gaussians.sh_degree,
             "cameras": {"calibration": [_camera_json(c) for c in views.calibration], "evaluation": [_camera_json(c) for c in views.evaluation], "source": views.source},
-            "original": loaded.extras["original"],
+            "original": loaded.extras["original"], "preparation": loaded.extras.get("preparation", {}),
         }
         (directory / ARCH_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
@@ -185,7 +218,9 @@ class GaussianSplatAdapter(Adapter):
         k = (degree + 1) ** 2
         z = torch.zeros
         scene = GaussianScene(z(n, 3), z(n, 3), z(n, k - 1, 3), z(n), z(n, 3), z(n, 4))
-        return self._loaded(scene, views, str(directory.parent), directory.parent, record["original"])
+        loaded = self._loaded(scene, views, str(directory.parent), directory.parent, record["original"])
+        loaded.extras["preparation"] = record.get("preparation", {})
+        return loaded
 
     def export_dense(self, loaded: LoadedModel, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -222,8 +257,9 @@ def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
     """``compression_ratio``: the ``.ply`` file's bytes over the compressed scene file's
     (``model.safetensors``, its header included) when ``loaded`` was read from a directory, else
     over the attribute bytes; ``directory_bytes``: every file of that directory (the manifest's
-    per-target report and the cameras too); ``attribute_ratio``: float32 attribute bytes over their
-    compressed bytes (codes packed, codebooks and scales at their stored dtype)."""
+    per-target report and the cameras too); ``attribute_ratio``: the original scene's float32
+    attribute bytes (all its Gaussians, pruned ones too) over the compressed bytes (codes packed,
+    codebooks and scales at their stored dtype); ``bits_per_gaussian``: per stored Gaussian."""
     from compresskit.nn import quantized_tensors
 
     scene = loaded.model.gaussians
@@ -235,8 +271,10 @@ def _ratios(loaded: LoadedModel, original: dict) -> dict[str, float]:
             stored_bits += quantized[attr].quantizer.size_report().total_bits
         else:
             stored_bits += getattr(scene, attr).numel() * dense_bits
-    n_values = sum(getattr(scene, a).numel() for a in ATTRIBUTES)
-    out = {"attribute_ratio": n_values * FLOAT32_BYTES * 8 / stored_bits, "bits_per_gaussian": stored_bits / scene.num_gaussians}
+    # float32 attributes of the original scene: a pruned one is charged against the Gaussians it started from
+    n_values = sum(getattr(scene, a).numel() for a in ATTRIBUTES) * original.get("num_gaussians", scene.num_gaussians) / scene.num_gaussians
+    out = {"attribute_ratio": n_values * FLOAT32_BYTES * 8 / stored_bits, "bits_per_gaussian": stored_bits / scene.num_gaussians,
+           "num_gaussians": float(scene.num_gaussians)}
     directory = Path(loaded.resolved)
     if (directory / TENSORS).is_file():
         out["compression_ratio"] = original["ply_bytes"] / (directory / TENSORS).stat().st_size
