@@ -17,7 +17,11 @@ that rate, the family's opacity / position methods), with suffixes:
   (``0.8 L1 + 0.2 D-SSIM``) on ``--calib-views`` calibration cameras, dead centroids re-initialised;
 * ``+lean``: positions at 12 bits per coordinate and opacity at 6 bits (``--override``);
 * ``+compact``: ``+lean`` and one 256-entry codebook per attribute over its whole vector (SH
-  ``d = 45``, colour and scale ``d = 3``, rotation ``d = 4``; no pool), the compact end.
+  ``d = 45``, colour and scale ``d = 3``, rotation ``d = 4``; no pool), the compact end;
+* ``+prune``: first the family's preparation step (``CompressConfig(prepare=...)``, CLI ``--option
+  prune=F``): drop ``--prune`` of the Gaussians by importance and fine-tune the rest ``--prune-steps``
+  steps against the unpruned scene's renders (``docs/gaussians.md``). The file ratio and the drop are
+  still against the unpruned ``.ply``.
 
 ``rtn:B`` is scalar quantization of every attribute at B bits (per Gaussian row for the vector
 attributes). ``seconds_compress`` is the wall time of ``compress``; ``seconds_eval`` the renders.
@@ -33,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("rtn:8", "rtn:4", "vq:2", "vq:1", "pq:2", "pq:1", "pq:2+em", "pq:1+em", "pq:1+lean", "pq:1+em+lean", "pq:1+compact", "pq:1+em+compact")
+ROWS = ("rtn:8", "rtn:4", "vq:2", "vq:1", "pq:2", "pq:1", "pq:2+em", "pq:1+em", "pq:1+lean", "pq:1+em+lean", "pq:1+compact", "pq:1+em+compact",
+        "rtn:8+prune", "pq:1+prune+compact", "pq:1+em+prune+compact")
 LEAN = (("gaussians.means", {"method": "rtn", "bits": 12}), ("gaussians.opacities", {"method": "rtn", "bits": 6}))
 # one 256-entry codebook per attribute over its whole vector (Compact3D's layout at this scene's size:
 # a 4096-entry table of 45-d SH vectors would cost more than 15k Gaussians' codes), no pool
@@ -44,17 +49,19 @@ COMPACT = LEAN + (
 )
 
 
-def config_for(row: str):
-    """``(CompressConfig, em)`` of a row name (see the module docstring)."""
+def config_for(row: str, prepare: dict | None = None):
+    """``(CompressConfig, em)`` of a row name (see the module docstring); ``prepare`` are the
+    preparation options a ``+prune`` row uses."""
     from compresskit import CompressConfig
 
     spec, *flags = row.split("+")
     method, _, bits = spec.partition(":")
-    unknown = set(flags) - {"em", "lean", "compact"}
+    unknown = set(flags) - {"em", "lean", "compact", "prune"}
     if unknown or not bits.isdigit():
-        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em][+lean|+compact]")
+        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em][+prune][+lean|+compact]")
     overrides = COMPACT if "compact" in flags else LEAN if "lean" in flags else ()
-    return CompressConfig(method=method, bits=int(bits), overrides=overrides), "em" in flags
+    prepare = dict(prepare or {}) if "prune" in flags else {}
+    return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), "em" in flags
 
 
 def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
@@ -64,7 +71,8 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
 
     adapter = GaussianSplatAdapter()
     loaded = adapter.load(scene)
-    config, em = config_for(row)
+    prepare = {"prune": args.prune, **({"prune_steps": args.prune_steps} if args.prune_steps is not None else {})}
+    config, em = config_for(row, prepare)
     calibration = None
     if em:
         calibration = CalibrationConfig(
@@ -84,7 +92,7 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
         seconds_eval = time.perf_counter() - start
     layers = {layer.name.removeprefix("gaussians."): {"method": layer.method, "bits_per_value": layer.size.bits_per_weight, "rel_error": layer.rel_error}
               for layer in report.layers}
-    return {"scene": scene, "row": row, **metrics, "layers": layers, "calibration": report.calibration,
+    return {"scene": scene, "row": row, **metrics, "layers": layers, "calibration": report.calibration, "preparation": report.preparation,
             "seconds_compress": seconds_compress, "seconds_eval": seconds_eval, "threads": args.threads}
 
 
@@ -95,9 +103,11 @@ def table(paths: list[str]) -> None:
     for r in rows:
         c = r.get("calibration") or {}
         em = f"{c['m_steps']} x {c['m_batch']}" if c.get("m_objective") else "-"
+        p = r.get("preparation") or {}
+        label = r["row"] + (f" ({p['fraction']:.0%} pruned, {p['steps']} steps)" if p else "")
         gt = f"{r['psnr_gt']:.2f}" if "psnr_gt" in r else "-"
         drop = f"{r['psnr_drop_db']:.2f}" if "psnr_drop_db" in r else "-"
-        print(f"| {r['row']} | {em} | {r['compression_ratio']:.1f}x | {r['bits_per_gaussian']:.1f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {gt} | {drop} | {r['seconds_compress']:.0f} |")
+        print(f"| {label} | {em} | {r['compression_ratio']:.1f}x | {r['bits_per_gaussian']:.1f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {gt} | {drop} | {r['seconds_compress']:.0f} |")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,6 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m-steps", type=int, default=200)
     p.add_argument("--m-batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prune", type=float, default=0.5, help="+prune rows: fraction of the Gaussians dropped")
+    p.add_argument("--prune-steps", type=int, default=None, help="+prune rows: fine-tuning steps (default: the family's, 2000)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--table", nargs="+", help="print the markdown table of these JSON-lines files and exit")
