@@ -95,6 +95,8 @@ def test_streaming_refuses_what_needs_the_whole_model(llama_dir, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(CompressKitError, match="already exists"):
         compress_streaming(str(llama_dir()), tmp_path / "exists", adapter=adapter)
+    with pytest.raises(CompressKitError, match="preparation options .* cannot go with --stream"):
+        compress_streaming(str(llama_dir()), tmp_path / "o", CompressConfig(prepare={"prune": 0.5}), adapter=adapter)
     from compresskit.adapters import get_adapter
 
     with pytest.raises(CompressKitError, match="cannot stream"):
