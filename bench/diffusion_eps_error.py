@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     fp = adapter.fmnist_denoiser(adapter.load(args.model), "the epsilon error")
     batches = fmnist.calibration_batches(GaussianDiffusion.linear(), args.n, seed=args.seed, class_dropout=0.0, source=None)
     x, t, y, noise = (torch.cat([b[k] for b in batches]) for k in ("x", "t", "y", "noise"))
-    null = torch.full_like(y, 10)
+    null = torch.full_like(y, fmnist.NULL_CLASS)
     c = x.shape[1]
     with torch.no_grad():
         ref, ref_null = fp(x, t, y)[:, :c], fp(x, t, null)[:, :c]
