@@ -15,6 +15,9 @@ that rate, the family's opacity / position methods), with suffixes:
 
 * ``+em``: then one EM round whose M-step trains the codebooks with 3DGS's render loss
   (``0.8 L1 + 0.2 D-SSIM``) on ``--calib-views`` calibration cameras, dead centroids re-initialised;
+* ``+st``: ``+em`` whose M-step starts with ``--latent-steps`` steps of quantization in the loop
+  (``latent_steps``: float latents under straight-through estimates at 3DGS's per-attribute rates,
+  codes re-assigned and centroids Lloyd-updated every ``--reassign-every`` steps; docs/calibration.md);
 * ``+lean``: positions at 12 bits per coordinate and opacity at 6 bits (``--override``);
 * ``+compact``: ``+lean`` and one 256-entry codebook per attribute over its whole vector (SH
   ``d = 45``, colour and scale ``d = 3``, rotation ``d = 4``; no pool), the compact end;
@@ -56,12 +59,13 @@ def config_for(row: str, prepare: dict | None = None):
 
     spec, *flags = row.split("+")
     method, _, bits = spec.partition(":")
-    unknown = set(flags) - {"em", "lean", "compact", "prune"}
+    unknown = set(flags) - {"em", "st", "lean", "compact", "prune"}
     if unknown or not bits.isdigit():
-        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em][+prune][+lean|+compact]")
+        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em|+st][+prune][+lean|+compact]")
     overrides = COMPACT if "compact" in flags else LEAN if "lean" in flags else ()
     prepare = dict(prepare or {}) if "prune" in flags else {}
-    return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), "em" in flags
+    em = "st" if "st" in flags else "em" in flags
+    return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), em
 
 
 def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
@@ -78,6 +82,7 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
         calibration = CalibrationConfig(
             n_samples=args.calib_views, batch_size=1, m_objective="task", em_rounds=1, m_steps=args.m_steps,
             m_batch=args.m_batch, lr=args.lr, options={"calib_size": args.calib_size},
+            **({"latent_steps": args.latent_steps, "reassign_every": args.reassign_every} if em == "st" else {}),
         )
     start = time.perf_counter()
     report = compress(loaded, config, adapter=adapter, calibration=calibration)
@@ -103,6 +108,8 @@ def table(paths: list[str]) -> None:
     for r in rows:
         c = r.get("calibration") or {}
         em = f"{c['m_steps']} x {c['m_batch']}" if c.get("m_objective") else "-"
+        if c.get("latent_steps"):
+            em = f"{c['latent_steps']} in the loop + {em}"
         p = r.get("preparation") or {}
         label = r["row"] + (f" ({p['fraction']:.0%} pruned, {p['steps']} steps)" if p else "")
         gt = f"{r['psnr_gt']:.2f}" if "psnr_gt" in r else "-"
@@ -120,6 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--m-steps", type=int, default=200)
     p.add_argument("--m-batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--latent-steps", type=int, default=600, help="+st rows: steps of quantization in the loop before the codebook M-step")
+    p.add_argument("--reassign-every", type=int, default=10, help="+st rows: codes follow the latents every this many steps")
     p.add_argument("--prune", type=float, default=0.5, help="+prune rows: fraction of the Gaussians dropped")
     p.add_argument("--prune-steps", type=int, default=None, help="+prune rows: fine-tuning steps (default: the family's, 2000)")
     p.add_argument("--threads", type=int, default=1)

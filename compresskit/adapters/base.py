@@ -189,6 +189,12 @@ class Adapter(ABC):
         """How far ``model``'s prediction on ``batch`` is from ``targets`` (scalar, 0 when equal)."""
         raise CompressKitError(f"the {self.name!r} adapter has no distillation loss; use the task or block objective")
 
+    def latent_lr(self, loaded: LoadedModel, target: str) -> float | None:
+        """The learning rate of target ``target``'s float latent in quantization in the loop
+        (``latent_steps``, ``docs/calibration.md``), for a family whose tensors train at rates of their
+        own (3DGS's per-attribute ones). Default None: the calibration's ``lr``."""
+        return None
+
     def prepare(self, loaded: LoadedModel, options: Mapping[str, Any], progress=None) -> dict[str, Any]:
         """Change ``loaded.model`` in place before :func:`compresskit.compress` finds its targets (a 3DGS
         scene pruned and fine-tuned); ``options`` are :meth:`prepare_settings`' (defaults filled in),

@@ -69,4 +69,5 @@ def build_calibrator(
         clean=adapter.clean_block_call if adapter is not None else None,
         loss_keys=adapter.loss_keys if adapter is not None else (),
         comm=comm,
+        latent_lr=(lambda name: adapter.latent_lr(loaded, name)) if adapter is not None and loaded is not None else None,
     )

@@ -33,7 +33,8 @@ class Calibrator:
     family's loss (task M-step); ``m_batches``: what the task / distill M-step trains on (default:
     ``batches``); ``distill``: ``(targets_fn, loss_fn)`` for ``m_objective="distill"``; ``clean``: the
     adapter's ``clean_block_call``; ``comm``: this rank's :class:`~compresskit.distributed.Comm`
-    for a distributed walk (None: one process; ``docs/distributed.md``).
+    for a distributed walk (None: one process; ``docs/distributed.md``); ``latent_lr(target name)``:
+    a target's learning rate in quantization in the loop (``latent_steps``; None: ``config.lr``).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Calibrator:
         clean: Clean | None = None,
         loss_keys: Sequence[str] = (),
         comm=None,
+        latent_lr: Callable[[str], float | None] | None = None,
     ):
         if not batches:
             raise CompressKitError("calibration needs at least one calibration batch")
@@ -69,11 +71,14 @@ class Calibrator:
         # (O(sum of n^2 + m n) floats, which is why they are not kept otherwise)
         self.hessians: dict[str, torch.Tensor] = {}
         self.originals: dict[str, torch.Tensor] = {}
+        # with latent_steps, every target's tensor before compression: where its float latent starts
+        self.initial: dict[str, torch.Tensor] = {}
         # the walk calls the model on the batches without the entries only the task loss reads
         model_batches = [{k: v for k, v in b.items() if k not in loss_keys} for b in self.batches]
         self.walk = Walk(config, self.blocks, model_batches, clean, BlockObjective(config), self.hessians, self.originals, comm=comm)
         self.model_objective = ModelObjective(
-            config, self.batches, list(m_batches) if m_batches else self.batches, task_loss, distill, self.hessians, self.originals
+            config, self.batches, list(m_batches) if m_batches else self.batches, task_loss, distill, self.hessians, self.originals,
+            initial=self.initial, latent_lr=latent_lr,
         )
 
     # what the parts measured, for callers that keep the calibrator
@@ -106,6 +111,10 @@ class Calibrator:
         """
         if self.model_objective.distilling():
             self.model_objective.take_teacher(model)
+        if self.config.latent_steps:
+            with torch.no_grad():
+                for t in targets:
+                    self.initial[t.name] = t.layout.to_rows(getattr(model.get_submodule(t.owner), t.attr)).detach().float().clone()
         reports = self.walk.run(model, targets, plan, compress_plain, report, progress)
         for r in range(self.config.em_rounds):
             self.em_round(model, progress=progress, label=f"EM round {r + 1}/{self.config.em_rounds}")

@@ -9,7 +9,8 @@ The objectives (see ``docs/calibration.md``):
   block's output (VQ4DiT's soft assignments with ``soft_candidates``);
 * ``m_objective="task"`` / ``"distill"``: after the walk, ``em_rounds`` whole-model EM rounds whose
   M-step trains every codebook on the family's task loss, or on the distance to the uncompressed
-  model's predictions.
+  model's predictions; with ``latent_steps``, each M-step starts with quantization in the loop
+  (float latents under straight-through estimates, codes re-assigned every ``reassign_every`` steps).
 
 :meth:`CalibrationConfig.validated` refuses combinations in which a setting would do nothing (a
 learning rate without M-steps, soft candidates outside the block objective, ...): one clear error
@@ -64,6 +65,8 @@ class CalibrationConfig:
     m_batch: int = 8  # samples per task / distill M-step
     m_dense: str = ""  # comma-separated fnmatch patterns: uncompressed parameters the task / distill M-step trains too ("*.bias")
     tau_dead: int = 256  # a centroid used fewer times over the M-step's passes is re-initialised
+    latent_steps: int = 0  # > 0: each EM round's M-step starts with this many steps of quantization in the loop (objectives.LatentPhase)
+    reassign_every: int = 10  # in those steps: codes re-assigned to the float latents (and centroids Lloyd-updated) every this many steps
     soft_candidates: int = 0  # > 0: VQ4DiT soft assignments over that many candidates in the block M-step
     entropy_weight: float = 1e-3  # pushes soft assignments towards one candidate as training goes
     logit_lr: float = 0.05  # soft-assignment logits move in logit units
@@ -106,7 +109,7 @@ class CalibrationConfig:
             raise CompressKitError(f"calibration data must be one of {', '.join(DATA_KINDS)}, got {self.data!r}")
         if self.m_objective not in OBJECTIVES:
             raise CompressKitError(f"m_objective must be one of block, task, distill (or None), got {self.m_objective!r}")
-        for name in ("n_samples", "batch_size", "m_batch"):
+        for name in ("n_samples", "batch_size", "m_batch", "reassign_every"):
             if getattr(self, name) < 1:
                 raise CompressKitError(f"calibration setting {name} must be >= 1, got {getattr(self, name)!r}")
         if self.e_init not in E_INITS:
@@ -144,6 +147,10 @@ class CalibrationConfig:
             raise CompressKitError("soft_candidates train in the block M-step: set m_objective to 'block'")
         if self.em_rounds == 0:
             refuse({"tau_dead"}, "dead centroids are re-initialised in whole-model EM rounds (em_rounds >= 1)")
+        if self.latent_steps and (self.m_objective not in ("task", "distill") or self.em_rounds == 0):
+            raise CompressKitError("latent_steps train in the whole-model EM rounds' M-step: set m_objective to 'task' or 'distill' and em_rounds >= 1")
+        if self.latent_steps == 0:
+            refuse({"reassign_every"}, "it paces quantization in the loop, which needs latent_steps > 0")
         if self.e_sweeps == 0:
             refuse({"e_init"}, "it picks the codes the E-step starts from, and e_sweeps is 0")
         if not self.asymmetric:

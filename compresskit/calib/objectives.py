@@ -87,11 +87,14 @@ def dense_tensors(model: nn.Module, patterns: str) -> list[tuple[nn.Parameter, f
     return out
 
 
-def optimise(trainable: list[tuple[nn.Parameter, float]], loss_fn: Callable[[int], torch.Tensor], config, progress=None, label: str = "M-step") -> float:
+def optimise(trainable: list[tuple[nn.Parameter, float]], loss_fn: Callable[[int], torch.Tensor], config, progress=None, label: str = "M-step",
+             steps: int | None = None, before_step: Callable[[int], None] | None = None) -> float:
     """AdamW on ``trainable`` (``(tensor, lr multiplier)`` pairs, see :func:`trainable_tensors`) for
-    ``config.m_steps`` steps (float32 while training); ``progress(description, step, m_steps)`` hears
-    each step's loss."""
-    if not trainable or not config.m_steps:
+    ``steps`` steps (default ``config.m_steps``; float32 while training); ``before_step(step)``, if
+    given, runs before each step's forward pass; ``progress(description, step, steps)`` hears each
+    step's loss."""
+    steps = config.m_steps if steps is None else steps
+    if not trainable or not steps:
         return float("nan")
     params = [p for p, _ in trainable]
     originals = [p.data for p in params]
@@ -102,20 +105,99 @@ def optimise(trainable: list[tuple[nn.Parameter, float]], loss_fn: Callable[[int
     opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     loss_value = float("nan")
     try:
-        for step in range(config.m_steps):
+        for step in range(steps):
+            if before_step is not None:
+                before_step(step)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(step)
             loss.backward()
             opt.step()
             loss_value = loss.item()
             if progress is not None:
-                progress(f"{label}: M-step loss {loss_value:.4g}", step + 1, config.m_steps)
+                progress(f"{label}: M-step loss {loss_value:.4g}", step + 1, steps)
     finally:
         for p, orig in zip(params, originals):
             p.requires_grad_(False)
             p.grad = None
             p.data = p.data.to(orig.dtype)  # stored precision (float16): what is saved is what is evaluated
     return loss_value
+
+
+class LatentPhase:
+    """Quantization in the loop, the first part of an EM round's M-step (``latent_steps`` > 0).
+
+    Every compressed tensor whose value before compression was recorded (``initial``, by target
+    name) gets a float *latent* copy, starting there. While the phase runs, the tensor the model
+    reads is ``latent + (decode(codes) - latent).detach()`` (a straight-through estimate, through
+    :attr:`QuantizedTensor.override`): the forward pass sees the quantized model, the loss's
+    gradient reaches the latents, and AdamW moves them. Every ``reassign_every`` steps (and at the
+    end) the codes follow the latents:
+
+    * a codebook quantizer (``supports_codebook_update``): E-step towards the latent (nearest
+      centroid in the metric of the layer's recorded ``H``, the identity for a bare tensor), then one
+      layer-wise round (centroids, row scales, codes) on it: with ``H = I`` a Lloyd update;
+    * any other quantizer (rtn, gptq): ``transform(latent)``, its codes under the fitted scales.
+
+    Codebooks move only through those updates here; the task M-step after the phase trains them
+    with the codes frozen. The file format does not change: codes and tables only.
+    ``lr(name)`` gives a target's learning rate (the family's, e.g. 3DGS's per-attribute rates; None:
+    ``config.lr``).
+    """
+
+    def __init__(self, config, initial: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], lr: Callable[[str], float | None] | None = None):
+        self.config = config
+        self.initial, self.hessians = initial, hessians
+        self.lr = lr or (lambda name: None)
+
+    def run(self, model: nn.Module, loss_fn: Callable[[int], torch.Tensor], progress=None, label: str = "latent phase") -> float:
+        """Run the phase on ``model`` (its compressed tensors change in place); returns the last loss."""
+        tensors = {name: qt for name, (_, _, qt) in quantized_tensors(model).items() if name in self.initial}
+        if not tensors:
+            return float("nan")
+        latents = {name: nn.Parameter(self.initial[name].detach().float().clone(), requires_grad=False) for name in tensors}
+        decoded: dict[str, torch.Tensor] = {}
+
+        def follow() -> None:
+            with torch.no_grad():
+                for name, qt in tensors.items():
+                    self._reencode(name, qt, latents[name].detach())
+                    decoded[name] = qt.dequantize().detach()
+
+        def straight_through(name: str) -> Callable[[], torch.Tensor]:
+            latent = latents[name]
+            return lambda: latent + (decoded[name] - latent).detach()
+
+        def before_step(step: int) -> None:
+            if step and step % self.config.reassign_every == 0:
+                follow()
+
+        follow()
+        for name, qt in tensors.items():
+            qt.override = straight_through(name)
+        try:
+            trainable = [(latents[name], (self.lr(name) or self.config.lr) / self.config.lr) for name in tensors]
+            loss = optimise(trainable, loss_fn, self.config, progress, f"{label} (quantization in the loop)",
+                            steps=self.config.latent_steps, before_step=before_step)
+        finally:
+            for qt in tensors.values():
+                qt.override = None
+        follow()
+        return loss
+
+    def _reencode(self, name: str, qt: QuantizedTensor, latent: torch.Tensor) -> None:
+        """Point ``qt``'s codes (and, for a codebook, its centroids) at ``latent`` (see the class docstring)."""
+        q = qt.bind()
+        if not q.supports_codebook_update:
+            qt.codes.copy_(q.transform(latent))
+            return
+        from compresskit.calib.codebook import refine_layer
+        from compresskit.calib.estep import e_step
+
+        H = self.hessians.get(name)
+        if H is None:  # a bare tensor: no activations reach it, so the weight metric
+            H = torch.eye(latent[0].numel())
+        q.set_codes(e_step(q, latent, H, n_sweeps=1, damp=self.config.damp))
+        refine_layer(q, latent, H, rounds=1, e_sweeps=1, iters=self.config.cg_iters, damp=self.config.damp)
 
 
 class BlockObjective:
@@ -179,14 +261,19 @@ class ModelObjective:
     ``batches``: the calibration batches (the guard's calibration loss is measured on them);
     ``m_batches``: what the M-step trains on; ``hessians`` / ``originals``: per codebook target, the
     statistics and weight its E-step aims at (filled by the walk). ``trainable`` is the function that
-    lists what the M-step trains (replace it to train more, e.g. norms).
+    lists what the M-step trains (replace it to train more, e.g. norms). With ``latent_steps``, the
+    M-step starts with a :class:`LatentPhase` from ``initial`` (every target's tensor before
+    compression, filled by the calibrator), at the learning rates ``latent_lr(name)`` gives.
     """
 
-    def __init__(self, config, batches, m_batches, task_loss, distill, hessians: dict, originals: dict):
+    def __init__(self, config, batches, m_batches, task_loss, distill, hessians: dict, originals: dict,
+                 initial: dict | None = None, latent_lr: Callable[[str], float | None] | None = None):
         self.config = config
         self.batches, self.m_batches = batches, m_batches
         self.task_loss, self.distill = task_loss, distill
         self.hessians, self.originals = hessians, originals
+        self.initial = {} if initial is None else initial
+        self.latent = LatentPhase(config, self.initial, hessians, latent_lr)
         self.teacher: dict[int, Any] = {}  # the uncompressed model's predictions, by batch index
         self.m_teacher: dict[int, Any] = {}
         self.trainable = trainable_tensors if not config.m_dense else (
@@ -209,10 +296,15 @@ class ModelObjective:
         M-step's loss, described with ``label``.
         """
         loss = float("nan")
+        step_loss = None
         if self.distilling():
-            loss = self.optimise(model, lambda step: self.m_loss(model, step % len(self.m_batches)), progress, label)
+            step_loss = lambda step: self.m_loss(model, step % len(self.m_batches))  # noqa: E731
         elif self.config.m_steps and self.task_loss is not None and self.config.m_objective == "task":
-            loss = self.optimise(model, lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)]), progress, label)
+            step_loss = lambda step: self.task_loss(model, self.m_batches[step % len(self.m_batches)])  # noqa: E731
+        if step_loss is not None:
+            if self.config.latent_steps:
+                self.latent_phase(model, step_loss, progress, label)
+            loss = self.optimise(model, step_loss, progress, label)
         if progress is not None:
             progress(f"{label}: re-init and E-step", self.config.m_steps, self.config.m_steps)
         # re-assignment serves each layer's output error, which is not the task loss the M-step just
@@ -225,6 +317,18 @@ class ModelObjective:
         if after_m is not None and not self.calibration_loss(model) <= after_m:
             for name, snap in snapshots.items():
                 _restore(codebook_tensors(model)[name], snap)
+        return loss
+
+    def latent_phase(self, model: nn.Module, step_loss, progress=None, label: str = "EM round") -> float:
+        """:class:`LatentPhase` on ``model``, kept only if the calibration loss does not rise through
+        it (else every compressed tensor is put back as it was); returns the phase's last loss."""
+        before = self.calibration_loss(model)
+        snapshots = {name: _snapshot(qt) for name, (_, _, qt) in quantized_tensors(model).items() if name in self.initial}
+        loss = self.latent.run(model, step_loss, progress, label)
+        if before is not None and not self.calibration_loss(model) <= before:
+            tensors = quantized_tensors(model)
+            for name, snap in snapshots.items():
+                _restore(tensors[name][2], snap)
         return loss
 
     def calibration_loss(self, model: nn.Module) -> float | None:

@@ -33,7 +33,7 @@ from compresskit.adapters.base import Adapter, DataSpec, EvalSpec, LoadedModel, 
 from compresskit.adapters.gaussians.camera import Camera
 from compresskit.adapters.gaussians.image_metrics import psnr, render_loss, ssim
 from compresskit.adapters.gaussians.ply import ATTRIBUTES, write_ply
-from compresskit.adapters.gaussians.prune import PruneSettings, prune_scene
+from compresskit.adapters.gaussians.prune import LR, LR_MEANS, PruneSettings, camera_extent, prune_scene
 from compresskit.adapters.gaussians.render import render, render_views
 from compresskit.adapters.gaussians.scene import GaussianScene
 from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
@@ -164,6 +164,14 @@ class GaussianSplatAdapter(Adapter):
             for i in order.tolist():  # calibration cameras come first in the model's list
                 batches.append({"camera_index": torch.tensor([i]), "size": size, "target": teacher(torch.tensor([i]), size)})
         return batches
+
+    def latent_lr(self, loaded: LoadedModel, target: str) -> float | None:
+        """3DGS's per-attribute learning rates (``prune.LR``; positions at the late end of its schedule,
+        times the calibration cameras' extent), as pruning's fine-tuning uses them."""
+        attribute = target.removeprefix("gaussians.")
+        if attribute == "means":
+            return LR_MEANS[1] * camera_extent(loaded.extras["views"].calibration)
+        return LR.get(attribute)
 
     def task_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return render_loss(model(camera_index=batch["camera_index"], size=batch["size"]), batch["target"])
