@@ -6,7 +6,6 @@ stderr and exit code 2.
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Optional
 
@@ -14,6 +13,7 @@ import typer
 
 from compresskit.cli import output
 from compresskit.errors import CompressKitError
+from compresskit.rewrite.select import parse_value
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress generative models to 1-4 bits per weight.")
 
@@ -25,10 +25,7 @@ def _params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise CompressKitError(f"{flag} {item!r} must look like NAME=VALUE, e.g. {flag} k=256")
-        try:
-            out[key] = json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = parse_value(raw)
     return out
 
 

@@ -18,6 +18,7 @@ of a family lack.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -77,13 +78,17 @@ _SPEC = re.compile(r"(?P<method>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<bits>\d+))?")
 
 
 def parse_override(text: str) -> Override:
-    """``"*.mlp.*=rtn:4"`` -> ``("*.mlp.*", {"method": "rtn", "bits": 4})``; the bits are optional."""
-    pattern, sep, spec = text.rpartition("=")
+    """``"*.mlp.*=rtn:4"`` -> ``("*.mlp.*", {"method": "rtn", "bits": 4})``; the bits are optional, and
+    quantizer parameters may follow after commas: ``"gaussians.f_rest=pq:1,d=45,k=256"`` ->
+    ``("gaussians.f_rest", {"method": "pq", "bits": 1, "d": 45, "k": 256})`` (values read as JSON, else
+    as text; whether the method takes them is checked with the rest of the config)."""
+    pattern, sep, rest = text.partition("=")
+    spec, *extra = rest.split(",")
     pattern, spec = pattern.strip(), spec.strip()
     match = _SPEC.fullmatch(spec)
     if not sep or not pattern or match is None:
         raise CompressKitError(
-            f"cannot parse layer override {text!r}; write PATTERN=METHOD[:BITS], e.g. '*.mlp.*=rtn:4'"
+            f"cannot parse layer override {text!r}; write PATTERN=METHOD[:BITS][,NAME=VALUE...], e.g. '*.mlp.*=rtn:4'"
         )
     params: dict[str, Any] = {"method": match["method"]}
     if match["bits"] is not None:
@@ -91,7 +96,22 @@ def parse_override(text: str) -> Override:
         if not 1 <= bits <= 16:
             raise CompressKitError(f"bits must be between 1 and 16 in layer override {text!r}, got {bits}")
         params["bits"] = bits
+    for item in extra:
+        key, eq, raw = (x.strip() for x in item.partition("="))
+        if not eq or not key or not raw or key in ("method", "bits"):
+            raise CompressKitError(
+                f"cannot parse parameter {item.strip()!r} in layer override {text!r}; write PATTERN=METHOD[:BITS],NAME=VALUE, e.g. 'gaussians.f_rest=pq:1,d=45'"
+            )
+        params[key] = parse_value(raw)
     return pattern, params
+
+
+def parse_value(raw: str) -> Any:
+    """A parameter's value from text: JSON (``256``, ``0.5``, ``true``, case-insensitive ``True``), else the text itself."""
+    try:
+        return json.loads(raw.lower() if raw.lower() in ("true", "false", "null") else raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def _kept(layer: Target, keep_dense: Sequence[str | tuple[str, str]]) -> str | None:

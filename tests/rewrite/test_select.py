@@ -79,6 +79,8 @@ def test_tied_layer_stays_dense_unless_its_partner_is_compressed():
     ("*.mlp.*=rtn:4", ("*.mlp.*", {"method": "rtn", "bits": 4})),
     ("model.layers.0.*=pq:3", ("model.layers.0.*", {"method": "pq", "bits": 3})),
     (" lm_head = vq ", ("lm_head", {"method": "vq"})),
+    ("gaussians.f_rest=pq:1,d=45,k=256,pool=false", ("gaussians.f_rest", {"method": "pq", "bits": 1, "d": 45, "k": 256, "pool": False})),
+    ("*.attn.* = rtn:4, group_size = 64", ("*.attn.*", {"method": "rtn", "bits": 4, "group_size": 64})),
 ])
 def test_parse_override(text, expected):
     assert parse_override(text) == expected
@@ -88,6 +90,19 @@ def test_parse_override(text, expected):
 def test_parse_override_rejects_malformed_input(text):
     with pytest.raises(CompressKitError, match="PATTERN=METHOD"):
         parse_override(text)
+
+
+@pytest.mark.parametrize("text", ["*=pq:2,d", "*=pq:2,=4", "*=pq:2,d=", "*=pq:2,bits=3", "*=pq:2,method=rtn"])
+def test_parse_override_rejects_malformed_parameters(text):
+    with pytest.raises(CompressKitError, match="cannot parse parameter"):
+        parse_override(text)
+
+
+def test_an_override_parameter_the_method_does_not_take_is_refused():
+    from compresskit import CompressConfig
+
+    with pytest.raises(CompressKitError, match="pq: unknown parameter"):
+        CompressConfig(method="pq", bits=2, overrides=(parse_override("*=pq:1,width=45"),)).validated()
 
 
 def test_parse_override_rejects_bits_out_of_range():
