@@ -75,3 +75,16 @@ def test_the_cli_preset_of_a_diffusion_model_is_the_measured_distillation():
 def test_families_without_settings_get_the_shared_presets():
     lm = get_adapter("lm")()
     assert lm.calibration_preset("best") == CalibrationConfig.preset("best")
+
+
+def test_the_cli_preset_of_a_scene_is_render_loss_training_with_quantization_in_the_loop():
+    pytest.importorskip("plyfile", reason="3DGS .ply files need plyfile (pip install 'compresskit[gaussians]')")
+    adapter = get_adapter("gaussians")()
+    _, best, _ = build_configs(QuantizeRequest(model="ref-scene", preset="best", evaluate=False), adapter)
+    assert (best.m_objective, best.latent_steps, best.m_steps, best.m_batch, best.n_samples) == ("task", 1000, 1000, 1, 64)
+    assert best.options == {"calib_size": 96}
+    _, mine, _ = build_configs(
+        QuantizeRequest(model="ref-scene", preset="best", calib_set={"latent_steps": 10}, calib_samples=8, options={"calib_size": 32}, evaluate=False),
+        adapter,
+    )
+    assert (mine.latent_steps, mine.n_samples, mine.options) == (10, 8, {"calib_size": 32})  # the caller's settings win

@@ -77,6 +77,15 @@ class GaussianSplatAdapter(Adapter):
                "scene it cost 2.8 dB more than per-subspace codebooks at 1 bit (docs/BENCHMARKS.md), so the family keeps it "
                "off; --param pool=true for the paper's layout"),
     }
+    preset_settings = {
+        "best": (
+            {"m_objective": "task", "em_rounds": 1, "n_samples": 64, "batch_size": 1, "m_samples": 0, "m_batch": 1, "lr": 1e-3,
+             "latent_steps": 1000, "m_steps": 1000, "options": {"calib_size": 96}},
+            "3DGS's render loss against the uncompressed scene's renders (the family has no other): 1000 steps of quantization in "
+            "the loop, then 1000 codebook steps with the codes frozen, one 96-px view of 64 per step (docs/gaussians.md; the "
+            "shared recipe distils, which a scene has no loss for)",
+        ),
+    }
     calib_options = {"calib_size": Option(64, "longest image side in pixels of the calibration renders")}
     eval_options = {"eval_size": Option(96, "longest image side in pixels of the evaluation renders")}
     prepare_options = {

@@ -178,11 +178,26 @@ def test_cli_quantize_eval_render_and_decompress(ply, tmp_path, capsys):
     assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
 
 
+def test_cli_overrides_give_each_attribute_its_own_codebook_shape(ply, tmp_path, capsys):
+    """The compact layout from the CLI: one whole-vector codebook per attribute, d given per target."""
+    out = tmp_path / "q"
+    main(["quantize", "--model", str(ply), "--method", "pq", "--bits", "1", "--preset", "none", "--no-eval", "--out", str(out), "--json",
+          "--override", "gaussians.f_rest=pq:1,d=45,k=16", "--override", "gaussians.quats=pq:1,d=4,k=16"])
+    layers = {layer["name"]: layer for layer in json.loads(capsys.readouterr().out)["report"]["layers"]}
+    loaded, _ = compresskit.io.load_compressed(out)
+    tensors = {name: qt.quantizer for name, (_, _, qt) in compresskit.nn.quantized_tensors(loaded.model).items()}
+    assert (tensors["gaussians.f_rest"].d, tensors["gaussians.f_rest"].k) == (45, 16)
+    assert (tensors["gaussians.quats"].d, tensors["gaussians.quats"].k) == (4, 16)
+    assert tensors["gaussians.f_dc"].k == 256  # the others keep the method's layout
+    assert layers["gaussians.f_rest"]["method"] == "pq"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["render", "{bad}", "--out", "{tmp}/v.png"], "not a readable .ply"),
     (["quantize", "--model", "{bad}", "--preset", "none", "--out", "{tmp}/o"], "not a readable .ply"),
     (["render", "{ply}", "--views", "0", "--out", "{tmp}/v.png"], "--views must be"),
     (["decompress", "{ply}", "--out", "{tmp}/x.txt"], "written as a .ply file"),
+    (["quantize", "--model", "{ply}", "--override", "gaussians.f_rest=pq:1,width=45", "--preset", "none", "--out", "{tmp}/o"], "unknown parameter(s) width"),
 ])
 def test_cli_errors_are_one_line_with_exit_2_and_nothing_written(ply, tmp_path, capsys, argv, message):
     bad = tmp_path / "bad.ply"
