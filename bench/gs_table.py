@@ -110,6 +110,8 @@ def table(paths: list[str]) -> None:
         em = f"{c['m_steps']} x {c['m_batch']}" if c.get("m_objective") else "-"
         if c.get("latent_steps"):
             em = f"{c['latent_steps']} in the loop + {em}"
+        if c.get("m_objective") and c.get("lr") != 1e-3:
+            em += f", lr {c['lr']:g}"
         p = r.get("preparation") or {}
         label = r["row"] + (f" ({p['fraction']:.0%} pruned, {p['steps']} steps)" if p else "")
         gt = f"{r['psnr_gt']:.2f}" if "psnr_gt" in r else "-"
