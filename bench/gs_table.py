@@ -53,8 +53,8 @@ COMPACT = LEAN + (
 
 
 def config_for(row: str, prepare: dict | None = None):
-    """``(CompressConfig, em)`` of a row name (see the module docstring); ``prepare`` are the
-    preparation options a ``+prune`` row uses."""
+    """``(CompressConfig, calibration)`` of a row name (see the module docstring): ``calibration`` is
+    ``"em"``, ``"st"`` or None; ``prepare`` are the preparation options a ``+prune`` row uses."""
     from compresskit import CompressConfig
 
     spec, *flags = row.split("+")
@@ -64,8 +64,8 @@ def config_for(row: str, prepare: dict | None = None):
         raise SystemExit(f"row {row!r}: write METHOD:BITS[+em|+st][+prune][+lean|+compact]")
     overrides = COMPACT if "compact" in flags else LEAN if "lean" in flags else ()
     prepare = dict(prepare or {}) if "prune" in flags else {}
-    em = "st" if "st" in flags else "em" in flags
-    return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), em
+    calibration = "st" if "st" in flags else "em" if "em" in flags else None
+    return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), calibration
 
 
 def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
@@ -76,13 +76,13 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
     adapter = GaussianSplatAdapter()
     loaded = adapter.load(scene)
     prepare = {"prune": args.prune, **({"prune_steps": args.prune_steps} if args.prune_steps is not None else {})}
-    config, em = config_for(row, prepare)
+    config, mode = config_for(row, prepare)
     calibration = None
-    if em:
+    if mode:
         calibration = CalibrationConfig(
             n_samples=args.calib_views, batch_size=1, m_objective="task", em_rounds=1, m_steps=args.m_steps,
             m_batch=args.m_batch, lr=args.lr, options={"calib_size": args.calib_size},
-            **({"latent_steps": args.latent_steps, "reassign_every": args.reassign_every} if em == "st" else {}),
+            **({"latent_steps": args.latent_steps, "reassign_every": args.reassign_every} if mode == "st" else {}),
         )
     start = time.perf_counter()
     report = compress(loaded, config, adapter=adapter, calibration=calibration)

@@ -192,7 +192,7 @@ class Adapter(ABC):
     def latent_lr(self, loaded: LoadedModel, target: str) -> float | None:
         """The learning rate of target ``target``'s float latent in quantization in the loop
         (``latent_steps``, ``docs/calibration.md``), for a family whose tensors train at rates of their
-        own (3DGS's per-attribute ones). Default None: the calibration's ``lr``."""
+        own (3DGS's per-attribute ones). Default None: the calibration's ``latent_lr``."""
         return None
 
     def prepare(self, loaded: LoadedModel, options: Mapping[str, Any], progress=None) -> dict[str, Any]:

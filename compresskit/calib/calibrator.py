@@ -34,7 +34,7 @@ class Calibrator:
     ``batches``); ``distill``: ``(targets_fn, loss_fn)`` for ``m_objective="distill"``; ``clean``: the
     adapter's ``clean_block_call``; ``comm``: this rank's :class:`~compresskit.distributed.Comm`
     for a distributed walk (None: one process; ``docs/distributed.md``); ``latent_lr(target name)``:
-    a target's learning rate in quantization in the loop (``latent_steps``; None: ``config.lr``).
+    a target's learning rate in quantization in the loop (``latent_steps``; None: ``config.latent_lr``).
     """
 
     def __init__(
