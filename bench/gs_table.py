@@ -75,13 +75,14 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
 
     adapter = GaussianSplatAdapter()
     loaded = adapter.load(scene)
-    prepare = {"prune": args.prune, **({"prune_steps": args.prune_steps} if args.prune_steps is not None else {})}
+    truth = {"prune_target": "ground-truth"} if args.target == "ground-truth" else {}
+    prepare = {"prune": args.prune, **({"prune_steps": args.prune_steps} if args.prune_steps is not None else {}), **truth}
     config, mode = config_for(row, prepare)
     calibration = None
     if mode:
         calibration = CalibrationConfig(
             n_samples=args.calib_views, batch_size=1, m_objective="task", em_rounds=1, m_steps=args.m_steps,
-            m_batch=args.m_batch, lr=args.lr, options={"calib_size": args.calib_size},
+            m_batch=args.m_batch, lr=args.lr, options={"calib_size": args.calib_size, "calib_target": args.target},
             **({"latent_steps": args.latent_steps, "reassign_every": args.reassign_every} if mode == "st" else {}),
         )
     start = time.perf_counter()
@@ -114,6 +115,8 @@ def table(paths: list[str]) -> None:
             em += f", lr {c['lr']:g}"
         p = r.get("preparation") or {}
         label = r["row"] + (f" ({p['fraction']:.0%} pruned, {p['steps']} steps)" if p else "")
+        if (c.get("options") or {}).get("calib_target") == "ground-truth":
+            label += ", trained on ground truth"
         gt = f"{r['psnr_gt']:.2f}" if "psnr_gt" in r else "-"
         drop = f"{r['psnr_drop_db']:.2f}" if "psnr_drop_db" in r else "-"
         print(f"| {label} | {em} | {r['compression_ratio']:.1f}x | {r['bits_per_gaussian']:.1f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {gt} | {drop} | {r['seconds_compress']:.0f} |")
@@ -133,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reassign-every", type=int, default=10, help="+st rows: codes follow the latents every this many steps")
     p.add_argument("--prune", type=float, default=0.5, help="+prune rows: fraction of the Gaussians dropped")
     p.add_argument("--prune-steps", type=int, default=None, help="+prune rows: fine-tuning steps (default: the family's, 2000)")
+    p.add_argument("--target", choices=("renders", "ground-truth"), default="renders",
+                   help="what pruning's fine-tuning and calibration train towards (the options prune_target and calib_target)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="append JSON lines here")
     p.add_argument("--table", nargs="+", help="print the markdown table of these JSON-lines files and exit")

@@ -52,10 +52,12 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class Option:
-    """One family-specific data option: its default (whose type the value must have) and what it means."""
+    """One family-specific data option: its default (whose type the value must have), what it means,
+    and, for an option that takes one of a few words, those ``choices`` (checked with the type)."""
 
     default: Any
     help: str
+    choices: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +307,8 @@ def _options(adapter: str, what: str, declared: dict[str, Option], given: Mappin
             value = float(value)  # --option cfg_scale=2 means 2.0
         if option.default is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise CompressKitError(f"{what} option {key!r} must be a {kind.__name__} ({option.help}), got {value!r}")
+        if option.choices is not None and value not in option.choices:
+            raise CompressKitError(f"{what} option {key!r} must be one of {', '.join(map(str, option.choices))} ({option.help}), got {value!r}")
         out[key] = value
     return out
 

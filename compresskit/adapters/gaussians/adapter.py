@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from compresskit.adapters.base import Adapter, DataSpec, EvalSpec, LoadedModel, 
 from compresskit.adapters.gaussians.camera import Camera
 from compresskit.adapters.gaussians.image_metrics import psnr, render_loss, ssim
 from compresskit.adapters.gaussians.ply import ATTRIBUTES, write_ply
-from compresskit.adapters.gaussians.prune import LR, LR_MEANS, PruneSettings, camera_extent, prune_scene
+from compresskit.adapters.gaussians.prune import LR, LR_MEANS, TARGETS, PruneSettings, camera_extent, prune_scene
 from compresskit.adapters.gaussians.render import render, render_views
 from compresskit.adapters.gaussians.scene import GaussianScene
 from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
@@ -86,13 +86,17 @@ class GaussianSplatAdapter(Adapter):
             "shared recipe distils, which a scene has no loss for)",
         ),
     }
-    calib_options = {"calib_size": Option(64, "longest image side in pixels of the calibration renders")}
+    calib_options = {
+        "calib_size": Option(64, "longest image side in pixels of the calibration renders"),
+        "calib_target": Option("renders", "what calibration trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's)", TARGETS),
+    }
     eval_options = {"eval_size": Option(96, "longest image side in pixels of the evaluation renders")}
     prepare_options = {
         "prune": Option(0.0, "fraction of the Gaussians to drop before compressing, least important first (0: none)"),
         "prune_steps": Option(PruneSettings.steps, "fine-tuning steps after pruning, one calibration view each, against the uncompressed renders (0: none)"),
         "prune_lr": Option(PruneSettings.lr_scale, "factor on 3DGS's per-attribute learning rates for the fine-tuning"),
         "prune_size": Option(PruneSettings.size, "longest image side in pixels of the renders pruning and fine-tuning use"),
+        "prune_target": Option(PruneSettings.target, "what the fine-tuning trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's)", TARGETS),
     }
     loss_keys = ("target",)
 
@@ -152,8 +156,9 @@ class GaussianSplatAdapter(Adapter):
             return {}
         model: SplatModel = loaded.model
         cameras = [fit_camera(c, settings.size) for c in loaded.extras["views"].calibration]
+        truth = _ground_truth(loaded, "prune_target") if settings.target == "ground-truth" else None
         teacher = model.gaussians
-        model.gaussians, record = prune_scene(teacher, cameras, settings, progress)
+        model.gaussians, record = prune_scene(teacher, cameras, settings, progress, truth)
         loaded.extras["teacher"] = loaded.extras.get("teacher", teacher)
         loaded.extras["preparation"] = record
         return record
@@ -166,7 +171,12 @@ class GaussianSplatAdapter(Adapter):
             raise CompressKitError(f"asked for {data.n_samples} calibration views, but the scene has {n_cal} calibration cameras; pass --calib-samples {n_cal} or fewer")
         order = torch.randperm(n_cal, generator=torch.Generator().manual_seed(data.seed))[: data.n_samples]
         size = self.option(data, "calib_size")
+        target = self.option(data, "calib_target")
         model: SplatModel = loaded.model
+        if target == "ground-truth":
+            truth = _ground_truth(loaded, "calib_target")
+            return [{"camera_index": torch.tensor([i]), "size": size, "target": truth(fit_camera(views.calibration[i], size))[None]}
+                    for i in order.tolist()]
         teacher = SplatModel(loaded.extras["teacher"], model.cameras) if "teacher" in loaded.extras else model  # the unpruned scene
         batches = []
         with torch.no_grad():
@@ -261,6 +271,17 @@ def _original_record(ply: Path, scene: GaussianScene) -> dict:
     """What evaluation needs to know of the uncompressed scene, kept in a compressed directory too."""
     return {"ply": str(ply.resolve()), "ply_bytes": ply.stat().st_size, "num_gaussians": scene.num_gaussians,
             "sh_degree": scene.sh_degree, "ground_truth": ply.resolve() == REFERENCE_PLY.resolve()}
+
+
+def _ground_truth(loaded: LoadedModel, option: str) -> Callable[[Camera], torch.Tensor]:
+    """``camera -> [3, H, W]`` ground-truth image, for a scene that has one (the reference scene, whose
+    object is procedural); one clear error for any other."""
+    if not loaded.extras["original"].get("ground_truth"):
+        raise CompressKitError(f"option {option}=ground-truth: only the reference scene has ground-truth images here (reading a "
+                               f"dataset's image files is not supported yet); leave {option} at 'renders' to train towards the uncompressed scene")
+    from compresskit.adapters.gaussians.procedural import render_ground_truth
+
+    return render_ground_truth
 
 
 def _reference_scene(original: dict) -> GaussianScene:

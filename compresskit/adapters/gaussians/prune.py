@@ -44,6 +44,7 @@ LR = {"f_dc": 2.5e-3, "f_rest": 2.5e-3 / 20, "opacities": 0.05, "scales": 5e-3, 
 LR_MEANS = (1.6e-5, 1.6e-6)  # times the extent; the late part of 3DGS's schedule (the study's fine-tune)
 TILE_PX = 8  # the tile side changes only the work, never the image; 8 is faster on CPU (docs/BENCHMARKS.md)
 SEED = 0
+TARGETS = ("renders", "ground-truth")  # what fine-tuning and calibration train towards (the adapter supplies the images)
 
 Progress = Callable[[str, int, int], None]
 
@@ -52,17 +53,19 @@ Progress = Callable[[str, int, int], None]
 class PruneSettings:
     """``fraction`` of the Gaussians to drop, in [0, 1); ``steps`` fine-tuning steps (0: prune only);
     ``lr_scale`` times 3DGS's learning rates; ``size`` the longest image side in pixels of the renders
-    importance and fine-tuning use."""
+    importance and fine-tuning use; ``target`` what the fine-tuning trains towards: ``"renders"`` of the
+    uncompressed scene (distillation) or the ``"ground-truth"`` images of the calibration cameras."""
 
     fraction: float = 0.0
     steps: int = 2000
     lr_scale: float = 1.0
     size: int = 96
+    target: str = "renders"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "PruneSettings":
         """The settings of the adapter's ``prune*`` options (types already checked), range-checked."""
-        s = cls(options["prune"], options["prune_steps"], options["prune_lr"], options["prune_size"])
+        s = cls(options["prune"], options["prune_steps"], options["prune_lr"], options["prune_size"], options["prune_target"])
         if not 0.0 <= s.fraction < 1.0 or math.isnan(s.fraction):
             raise CompressKitError(f"option prune must be a fraction of the Gaussians to drop in [0, 1), e.g. prune=0.5; got {s.fraction}")
         if s.steps < 0:
@@ -71,13 +74,16 @@ class PruneSettings:
             raise CompressKitError(f"option prune_lr must be a positive factor on 3DGS's learning rates, got {s.lr_scale}")
         if s.size < 1:
             raise CompressKitError(f"option prune_size must be a positive number of pixels, got {s.size}")
+        if s.target not in TARGETS:
+            raise CompressKitError(f"option prune_target must be one of {', '.join(TARGETS)} (what the fine-tuning trains towards), got {s.target!r}")
         default = cls()
         if s.fraction == 0.0:
-            idle = [f"prune_{k}" if k != "lr_scale" else "prune_lr" for k in ("steps", "lr_scale", "size") if getattr(s, k) != getattr(default, k)]
+            idle = [f"prune_{k}" if k != "lr_scale" else "prune_lr" for k in ("steps", "lr_scale", "size", "target") if getattr(s, k) != getattr(default, k)]
             if idle:
                 raise CompressKitError(f"{', '.join(idle)} would do nothing: nothing is pruned; set --option prune=FRACTION (e.g. 0.5)")
-        elif s.steps == 0 and s.lr_scale != default.lr_scale:
-            raise CompressKitError("prune_lr would do nothing: prune_steps is 0 (no fine-tuning)")
+        elif s.steps == 0 and (s.lr_scale != default.lr_scale or s.target != default.target):
+            idle = [k for k, same in (("prune_lr", s.lr_scale == default.lr_scale), ("prune_target", s.target == default.target)) if not same]
+            raise CompressKitError(f"{', '.join(idle)} would do nothing: prune_steps is 0 (no fine-tuning)")
         return s
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,9 +153,10 @@ def fine_tune(scene: GaussianScene, cameras: Sequence[Camera], targets: Sequence
 
 
 def prune_scene(teacher: GaussianScene, cameras: Sequence[Camera], settings: PruneSettings,
-                progress: Progress | None = None) -> tuple[GaussianScene, dict[str, Any]]:
+                progress: Progress | None = None, truth: Callable[[Camera], torch.Tensor] | None = None) -> tuple[GaussianScene, dict[str, Any]]:
     """``(pruned and fine-tuned scene, record)``: ``teacher`` is left as it is; ``cameras`` are the
-    calibration views at ``settings.size`` (the caller fits them)."""
+    calibration views at ``settings.size`` (the caller fits them); ``truth(camera) -> [3, H, W]`` is the
+    ground-truth image of a camera, needed when ``settings.target`` is ``"ground-truth"``."""
     start = time.perf_counter()
     if progress is not None:
         progress("pruned scene: importance of each Gaussian", 0, max(settings.steps, 1))
@@ -160,12 +167,18 @@ def prune_scene(teacher: GaussianScene, cameras: Sequence[Camera], settings: Pru
         "step": "prune", **settings.to_dict(), "num_gaussians_before": teacher.num_gaussians, "num_gaussians": student.num_gaussians,
         "importance": "blend weight a_i T_i summed over the calibration views' pixels",
         "importance_kept_share": float(scores[keep].sum() / scores.sum().clamp(min=1e-30)),
-        "fine_tune_target": "the uncompressed scene's renders from the calibration cameras (distillation)",
+        "fine_tune_target": ("the ground-truth images of the calibration cameras" if settings.target == "ground-truth"
+                             else "the uncompressed scene's renders from the calibration cameras (distillation)"),
         "views": len(cameras),
     }
     if settings.steps:
-        with torch.no_grad():  # unclamped, as calibration's targets; cameras may differ in size
-            targets = [render(teacher, c, tile_size=TILE_PX).image for c in cameras]
+        if settings.target == "ground-truth":
+            if truth is None:
+                raise CompressKitError("prune_target=ground-truth: this scene has no ground-truth images to fine-tune towards")
+            targets = [truth(c) for c in cameras]
+        else:
+            with torch.no_grad():  # unclamped, as calibration's targets; cameras may differ in size
+                targets = [render(teacher, c, tile_size=TILE_PX).image for c in cameras]
         losses = fine_tune(student, cameras, targets, settings, progress)
         window = max(1, min(100, len(losses) // 4))
         record.update(loss_first=sum(losses[:window]) / window, loss_last=sum(losses[-window:]) / window)

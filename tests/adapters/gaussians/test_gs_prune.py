@@ -149,6 +149,10 @@ def test_calibration_renders_its_targets_from_the_unpruned_scene(ply):
     ({"prune": 0.5, "prune_steps": 0, "prune_lr": 2.0}, "prune_lr would do nothing"),
     ({"prune": "half"}, "option 'prune' must be a float"),
     ({"prune_rate": 0.5}, "no preparation option 'prune_rate'"),
+    ({"prune": 0.5, "prune_target": "truth"}, "option 'prune_target' must be one of renders, ground-truth"),
+    ({"prune_target": "ground-truth"}, "prune_target would do nothing"),
+    ({"prune": 0.5, "prune_steps": 0, "prune_target": "ground-truth"}, "prune_target would do nothing: prune_steps is 0"),
+    ({"prune": 0.5, "prune_steps": 1, "prune_target": "ground-truth"}, "only the reference scene has ground-truth images"),
 ])
 def test_bad_preparation_options_are_one_clear_error(ply, options, message):
     adapter = GaussianSplatAdapter()
@@ -171,6 +175,7 @@ def test_preparation_options_need_a_family_that_has_them():
     (["--model", "{ply}", "--option", "prune=0.5", "--option", "prune_steps=-3"], "prune_steps must be >= 0"),
     (["--model", "{ply}", "--option", "prune_steps=5"], "would do nothing"),
     (["--model", "fmnist-dit", "--option", "prune=0.5"], "adapter has no option 'prune'"),
+    (["--model", "{ply}", "--option", "prune=0.5", "--option", "prune_target=gt"], "must be one of renders, ground-truth"),
 ])
 def test_cli_refuses_bad_preparation_options_with_one_line_and_nothing_written(ply, tmp_path, capsys, argv, message):
     argv = ["quantize", *[a.format(ply=ply) for a in argv], "--preset", "none", "--out", str(tmp_path / "o")]
@@ -180,3 +185,46 @@ def test_cli_refuses_bad_preparation_options_with_one_line_and_nothing_written(p
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0]
     assert set(tmp_path.iterdir()) == before
+
+
+def test_fine_tuning_trains_towards_the_ground_truth_when_asked(ply):
+    loaded = GaussianSplatAdapter().load(str(ply))
+    teacher, cams = loaded.model.gaussians, calibration_cameras(loaded, 8)
+    truth = {c: torch.rand(3, c.height, c.width, generator=torch.Generator().manual_seed(i)) for i, c in enumerate(cams)}  # not the scene's renders
+    seen = []
+
+    def ground_truth(camera):
+        seen.append(camera)
+        return truth[camera]
+
+    settings = PruneSettings(0.5, steps=40, size=SIZE, target="ground-truth")
+    tuned, record = prune_scene(teacher, cams, settings, truth=ground_truth)
+    assert seen == cams and record["target"] == "ground-truth" and "ground-truth images" in record["fine_tune_target"]
+    distilled, _ = prune_scene(teacher, cams, PruneSettings(0.5, steps=40, size=SIZE))
+    with torch.no_grad():
+        images = torch.stack([truth[c] for c in cams])
+        assert render_loss(render_views(tuned, cams), images) < render_loss(render_views(distilled, cams), images)
+    with pytest.raises(CompressKitError, match="no ground-truth images"):
+        prune_scene(teacher, cams, settings)
+
+
+def test_calibration_targets_are_the_ground_truth_images_when_asked(ply):
+    from compresskit.adapters.gaussians.procedural import render_ground_truth
+
+    adapter = GaussianSplatAdapter()
+    reference = adapter.load("ref-scene")
+    spec = adapter.calib_spec(n_samples=2, options={"calib_size": SIZE, "calib_target": "ground-truth"})
+    batches = adapter.calibration_batches(reference, spec)
+    cams = reference.extras["views"].calibration
+    for b in batches:
+        (i,) = b["camera_index"].tolist()
+        assert torch.equal(b["target"], render_ground_truth(fit_camera(cams[i], SIZE))[None]) and b["target"].shape == (1, 3, SIZE, SIZE)
+    renders = adapter.calibration_batches(reference, adapter.calib_spec(n_samples=2, options={"calib_size": SIZE}))
+    assert [b["camera_index"] for b in renders] == [b["camera_index"] for b in batches]  # the same cameras
+    assert not torch.equal(renders[0]["target"], batches[0]["target"])
+
+    other = adapter.load(str(ply))  # a scene without ground truth
+    with pytest.raises(CompressKitError, match="calib_target=ground-truth: only the reference scene"):
+        adapter.calibration_batches(other, spec)
+    with pytest.raises(CompressKitError, match="'calib_target' must be one of renders, ground-truth"):
+        adapter.calib_spec(options={"calib_target": "images"})
