@@ -36,7 +36,7 @@ from compresskit.adapters.gaussians.ply import ATTRIBUTES, write_ply
 from compresskit.adapters.gaussians.prune import LR, LR_MEANS, TARGETS, PruneSettings, camera_extent, prune_scene
 from compresskit.adapters.gaussians.render import render, render_views
 from compresskit.adapters.gaussians.scene import GaussianScene
-from compresskit.adapters.gaussians.views import Views, fit_camera, scene_views
+from compresskit.adapters.gaussians.views import Views, fit_camera, read_image, scene_views
 from compresskit.errors import CompressKitError
 from compresskit.io import TENSORS
 from compresskit.targets import Layout
@@ -88,7 +88,7 @@ class GaussianSplatAdapter(Adapter):
     }
     calib_options = {
         "calib_size": Option(64, "longest image side in pixels of the calibration renders"),
-        "calib_target": Option("renders", "what calibration trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's)", TARGETS),
+        "calib_target": Option("renders", "what calibration trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's, or a 3DGS output's training images)", TARGETS),
     }
     eval_options = {"eval_size": Option(96, "longest image side in pixels of the evaluation renders")}
     prepare_options = {
@@ -96,7 +96,7 @@ class GaussianSplatAdapter(Adapter):
         "prune_steps": Option(PruneSettings.steps, "fine-tuning steps after pruning, one calibration view each, against the uncompressed renders (0: none)"),
         "prune_lr": Option(PruneSettings.lr_scale, "factor on 3DGS's per-attribute learning rates for the fine-tuning"),
         "prune_size": Option(PruneSettings.size, "longest image side in pixels of the renders pruning and fine-tuning use"),
-        "prune_target": Option(PruneSettings.target, "what the fine-tuning trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's)", TARGETS),
+        "prune_target": Option(PruneSettings.target, "what the fine-tuning trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's, or a 3DGS output's training images)", TARGETS),
     }
     loss_keys = ("target",)
 
@@ -156,7 +156,10 @@ class GaussianSplatAdapter(Adapter):
             return {}
         model: SplatModel = loaded.model
         cameras = [fit_camera(c, settings.size) for c in loaded.extras["views"].calibration]
-        truth = _ground_truth(loaded, "prune_target") if settings.target == "ground-truth" else None
+        truth = None
+        if settings.target == "ground-truth":
+            image = _ground_truth(loaded, "prune_target")
+            truth = [image(i, c) for i, c in enumerate(cameras)]
         teacher = model.gaussians
         model.gaussians, record = prune_scene(teacher, cameras, settings, progress, truth)
         loaded.extras["teacher"] = loaded.extras.get("teacher", teacher)
@@ -174,8 +177,8 @@ class GaussianSplatAdapter(Adapter):
         target = self.option(data, "calib_target")
         model: SplatModel = loaded.model
         if target == "ground-truth":
-            truth = _ground_truth(loaded, "calib_target")
-            return [{"camera_index": torch.tensor([i]), "size": size, "target": truth(fit_camera(views.calibration[i], size))[None]}
+            image = _ground_truth(loaded, "calib_target")
+            return [{"camera_index": torch.tensor([i]), "size": size, "target": image(i, fit_camera(views.calibration[i], size))[None]}
                     for i in order.tolist()]
         teacher = SplatModel(loaded.extras["teacher"], model.cameras) if "teacher" in loaded.extras else model  # the unpruned scene
         batches = []
@@ -209,15 +212,14 @@ class GaussianSplatAdapter(Adapter):
             "ssim": float(ssim(mine, theirs).mean()),
             "views": float(len(cams)),
         }
-        if original.get("ground_truth"):
-            from compresskit.adapters.gaussians.procedural import render_ground_truth
-
-            truth = torch.stack([render_ground_truth(c) for c in cams])
+        image = _truth(loaded)
+        if image is not None:
+            truth = torch.stack([image(len(views.calibration) + j, c) for j, c in enumerate(cams)])
             out["psnr_gt"] = float(psnr(mine, truth).mean())
             out["psnr_gt_original"] = float(psnr(theirs, truth).mean())
             out["psnr_drop_db"] = out["psnr_gt_original"] - out["psnr_gt"]
         else:
-            out["psnr_drop_db_skipped"] = "no ground-truth images for this scene: psnr compares with the uncompressed scene's renders"
+            out["psnr_drop_db_skipped"] = f"no ground-truth images for this scene ({views.images_note}): psnr compares with the uncompressed scene's renders"
         out.update(_ratios(loaded, original))
         return out
 
@@ -228,7 +230,8 @@ class GaussianSplatAdapter(Adapter):
         views: Views = loaded.extras["views"]
         record = {
             "format_version": 1, "num_gaussians": model.gaussians.num_gaussians, "sh_degree": model.gaussians.sh_degree,
-            "cameras": {"calibration": [_camera_json(c) for c in views.calibration], "evaluation": [_camera_json(c) for c in views.evaluation], "source": views.source},
+            "cameras": {"calibration": [_camera_json(c) for c in views.calibration], "evaluation": [_camera_json(c) for c in views.evaluation], "source": views.source,
+                        "images": [str(f) for f in views.images], "images_note": views.images_note},
             "original": loaded.extras["original"], "preparation": loaded.extras.get("preparation", {}),
         }
         (directory / ARCH_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -238,8 +241,9 @@ class GaussianSplatAdapter(Adapter):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             n, degree = int(record["num_gaussians"]), int(record["sh_degree"])
-            views = Views(tuple(_camera_from_json(c) for c in record["cameras"]["calibration"]),
-                          tuple(_camera_from_json(c) for c in record["cameras"]["evaluation"]), record["cameras"]["source"])
+            cameras = record["cameras"]
+            views = Views(tuple(_camera_from_json(c) for c in cameras["calibration"]), tuple(_camera_from_json(c) for c in cameras["evaluation"]),
+                          cameras["source"], tuple(Path(f) for f in cameras.get("images", [])), cameras.get("images_note", Views.images_note))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CompressKitError(f"{path}: not a compressed 3DGS scene's architecture record ({' '.join(str(err).split())})") from None
         k = (degree + 1) ** 2
@@ -273,15 +277,27 @@ def _original_record(ply: Path, scene: GaussianScene) -> dict:
             "sh_degree": scene.sh_degree, "ground_truth": ply.resolve() == REFERENCE_PLY.resolve()}
 
 
-def _ground_truth(loaded: LoadedModel, option: str) -> Callable[[Camera], torch.Tensor]:
-    """``camera -> [3, H, W]`` ground-truth image, for a scene that has one (the reference scene, whose
-    object is procedural); one clear error for any other."""
-    if not loaded.extras["original"].get("ground_truth"):
-        raise CompressKitError(f"option {option}=ground-truth: only the reference scene has ground-truth images here (reading a "
-                               f"dataset's image files is not supported yet); leave {option} at 'renders' to train towards the uncompressed scene")
-    from compresskit.adapters.gaussians.procedural import render_ground_truth
+def _truth(loaded: LoadedModel) -> Callable[[int, Camera], torch.Tensor] | None:
+    """``(camera index, camera) -> [3, H, W]`` ground-truth image (the index counts the calibration
+    cameras, then the evaluation ones; ``camera`` is fitted to the size wanted), or None when the scene
+    has none: the reference scene's object is procedural; a 3DGS output's training images are files."""
+    if loaded.extras["original"].get("ground_truth"):
+        from compresskit.adapters.gaussians.procedural import render_ground_truth
 
-    return render_ground_truth
+        return lambda index, camera: render_ground_truth(camera)
+    files = loaded.extras["views"].images
+    if files:
+        return lambda index, camera: read_image(files[index], camera)
+    return None
+
+
+def _ground_truth(loaded: LoadedModel, option: str) -> Callable[[int, Camera], torch.Tensor]:
+    """:func:`_truth`, or one clear error naming ``option`` and why the scene has no ground truth."""
+    truth = _truth(loaded)
+    if truth is None:
+        raise CompressKitError(f"option {option}=ground-truth: this scene has no ground-truth images ({loaded.extras['views'].images_note}); "
+                               f"leave {option} at 'renders' to train towards the uncompressed scene")
+    return truth
 
 
 def _reference_scene(original: dict) -> GaussianScene:

@@ -153,10 +153,10 @@ def fine_tune(scene: GaussianScene, cameras: Sequence[Camera], targets: Sequence
 
 
 def prune_scene(teacher: GaussianScene, cameras: Sequence[Camera], settings: PruneSettings,
-                progress: Progress | None = None, truth: Callable[[Camera], torch.Tensor] | None = None) -> tuple[GaussianScene, dict[str, Any]]:
+                progress: Progress | None = None, truth: Sequence[torch.Tensor] | None = None) -> tuple[GaussianScene, dict[str, Any]]:
     """``(pruned and fine-tuned scene, record)``: ``teacher`` is left as it is; ``cameras`` are the
-    calibration views at ``settings.size`` (the caller fits them); ``truth(camera) -> [3, H, W]`` is the
-    ground-truth image of a camera, needed when ``settings.target`` is ``"ground-truth"``."""
+    calibration views at ``settings.size`` (the caller fits them); ``truth`` their ground-truth images
+    (``[3, H, W]`` each), needed when ``settings.target`` is ``"ground-truth"``."""
     start = time.perf_counter()
     if progress is not None:
         progress("pruned scene: importance of each Gaussian", 0, max(settings.steps, 1))
@@ -175,7 +175,7 @@ def prune_scene(teacher: GaussianScene, cameras: Sequence[Camera], settings: Pru
         if settings.target == "ground-truth":
             if truth is None:
                 raise CompressKitError("prune_target=ground-truth: this scene has no ground-truth images to fine-tune towards")
-            targets = [truth(c) for c in cameras]
+            targets = list(truth)
         else:
             with torch.no_grad():  # unclamped, as calibration's targets; cameras may differ in size
                 targets = [render(teacher, c, tile_size=TILE_PX).image for c in cameras]

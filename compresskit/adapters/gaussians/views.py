@@ -20,9 +20,11 @@ evaluation on CPU stays affordable for a big scene.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compresskit.adapters.gaussians.camera import Camera, orbit_cameras
@@ -32,13 +34,20 @@ HOLD_EVERY = 8  # 3DGS's llffhold
 ORBIT_SIZE = 128  # pixels of an orbit camera's image
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+
 @dataclass(frozen=True)
 class Views:
-    """Calibration and evaluation cameras (disjoint), and where they came from."""
+    """Calibration and evaluation cameras (disjoint), and where they came from. ``images``: the
+    ground-truth image file of every calibration camera, then every evaluation camera, when a
+    ``cameras.json``'s dataset has them all (else empty, and ``images_note`` says why)."""
 
     calibration: tuple[Camera, ...]
     evaluation: tuple[Camera, ...]
     source: str  # "cameras.json: PATH", "scene json: PATH" or "orbit"
+    images: tuple[Path, ...] = ()
+    images_note: str = "the cameras come from no 3DGS cameras.json, so there are no training images to find"
 
 
 def scene_views(ply: Path | None, means: torch.Tensor, size: int = 0) -> Views:
@@ -53,7 +62,10 @@ def scene_views(ply: Path | None, means: torch.Tensor, size: int = 0) -> Views:
                 raise CompressKitError(f"{found}: needs at least 2 cameras to keep calibration and evaluation apart, has {len(cams)}")
             held = [c for i, c in enumerate(cams) if i % HOLD_EVERY == 0]
             train = [c for i, c in enumerate(cams) if i % HOLD_EVERY != 0]
-            return Views(tuple(train), tuple(held), f"cameras.json: {found}")
+            files, note = training_images(found)
+            if files:
+                files = [f for i, f in enumerate(files) if i % HOLD_EVERY != 0] + [f for i, f in enumerate(files) if i % HOLD_EVERY == 0]
+            return Views(tuple(train), tuple(held), f"cameras.json: {found}", tuple(files), note)
         sidecar = ply.with_suffix(".json")
         if sidecar.is_file():
             config = _read_json(sidecar)
@@ -93,6 +105,51 @@ def read_cameras_json(path: Path) -> list[Camera]:
         w2c[:3, 3] = -c2w_rot.T @ centre
         cams.append(Camera(w2c.float(), fx, fy, w / 2, h / 2, w, h))
     return cams
+
+
+def training_images(cameras_json: Path) -> tuple[list[Path], str]:
+    """``(the image file of each camera of cameras_json, in its order; "")``, found through the
+    ``cfg_args`` beside it (see the module docstring), or ``([], why not)``."""
+    cfg = cameras_json.parent / "cfg_args"
+    if not cfg.is_file():
+        return [], f"no cfg_args beside {cameras_json} names the dataset the scene was trained on"
+    text = cfg.read_text(encoding="utf-8", errors="replace")
+    source = re.search(r"source_path=(['\"])(.*?)\1", text)
+    if source is None:
+        return [], f"{cfg} names no source_path"
+    if re.search(r"white_background=True", text):
+        return [], f"{cfg}: the scene was trained on a white background, and renders here have a black one"
+    folder = re.search(r"\bimages=(['\"])(.*?)\1", text)
+    root = Path(source.group(2)).expanduser()
+    if not root.is_absolute():
+        root = cameras_json.parent / root
+    root = root / (folder.group(2) if folder else "images")
+    entries = _read_json(cameras_json)
+    files = []
+    for i, e in enumerate(entries):
+        name = e.get("img_name") if isinstance(e, dict) else None
+        if not isinstance(name, str):
+            return [], f"{cameras_json}: camera {i} has no img_name"
+        found = next((root / (name + s) for s in ("", *IMAGE_SUFFIXES) if (root / (name + s)).is_file()), None)
+        if found is None:
+            return [], f"no image {name}.* in {root} (the training images of {cameras_json})"
+        files.append(found)
+    return files, ""
+
+
+def read_image(path: Path, camera: Camera) -> torch.Tensor:
+    """The image file at ``path`` as ``camera`` sees it: float32 ``[3, H, W]`` in [0, 1] at the camera's
+    size (bicubic resampling, as 3DGS resizes its training images); an alpha channel is composited
+    over black, the renders' background."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGBA").resize((camera.width, camera.height), Image.Resampling.BICUBIC)
+            rgba = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)  # [H, W, 4]
+    except (OSError, ValueError) as err:
+        raise CompressKitError(f"{path}: cannot read it as an image ({' '.join(str(err).split())})") from None
+    return (rgba[..., :3] * rgba[..., 3:]).permute(2, 0, 1).contiguous()
 
 
 def _find_cameras_json(ply: Path) -> Path | None:

@@ -3,6 +3,7 @@ Gaussians, 16-pixel renders): targets and their methods, save / load / decompres
 render-loss calibration, cameras from a 3DGS cameras.json, and the one-line errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -142,10 +143,11 @@ def test_quantization_in_the_loop_trains_every_attribute_at_3dgs_rates_and_saves
         assert torch.allclose(reloaded.model(index, 16), loaded.model(index, 16), atol=1e-5)
 
 
-def test_cameras_come_from_a_3dgs_cameras_json_with_every_8th_held_out(ply):
+def write_cameras_json(directory, n=10):
+    """A 3DGS ``cameras.json`` of ``n`` 40x30 cameras on a circle around the origin; returns its entries."""
     cams = []
-    for i in range(10):
-        angle = 2 * math.pi * i / 10
+    for i in range(n):
+        angle = 2 * math.pi * i / n
         centre = [3 * math.cos(angle), 3 * math.sin(angle), 0.5]
         forward = torch.tensor([-c for c in centre])
         forward = forward / forward.norm()
@@ -154,11 +156,88 @@ def test_cameras_come_from_a_3dgs_cameras_json_with_every_8th_held_out(ply):
         down = torch.linalg.cross(forward, right)
         rotation = torch.stack([right, down, forward], dim=1)  # camera-to-world, columns the camera axes
         cams.append({"id": i, "img_name": f"{i:05d}", "width": 40, "height": 30, "position": centre, "rotation": rotation.tolist(), "fx": 35.0, "fy": 35.0})
-    (ply.parent / "cameras.json").write_text(json.dumps(cams))
+    (directory / "cameras.json").write_text(json.dumps(cams))
+    return cams
+
+
+def test_cameras_come_from_a_3dgs_cameras_json_with_every_8th_held_out(ply):
+    cams = write_cameras_json(ply.parent)
     views = GaussianSplatAdapter().load(str(ply)).extras["views"]
     assert len(views.evaluation) == 2 and len(views.calibration) == 8 and views.source.startswith("cameras.json")
     assert (views.evaluation[1].width, views.evaluation[1].height) == (40, 30)
     torch.testing.assert_close(views.evaluation[1].center.double(), torch.tensor(cams[8]["position"], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert views.images == () and "no cfg_args" in views.images_note
+
+
+def write_dataset(ply, n=10, white=False):
+    """A 3DGS output beside ``ply`` (cameras.json, cfg_args) and its dataset's training images
+    (random 80x60 RGBA PNGs in ``dataset/images``); returns the image tensors [4, 60, 80] by camera."""
+    from PIL import Image
+
+    write_cameras_json(ply.parent, n)
+    (ply.parent / "cfg_args").write_text(f"Namespace(eval=True, images='images', model_path='out', sh_degree=3, source_path='dataset', white_background={white})")
+    folder = ply.parent / "dataset" / "images"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    images = []
+    for i in range(n):
+        rgba = (torch.rand(60, 80, 4, generator=g) * 255).to(torch.uint8)
+        Image.fromarray(rgba.numpy(), "RGBA").save(folder / f"{i:05d}.png")
+        images.append(rgba.permute(2, 0, 1).float() / 255)
+    return images
+
+
+def test_training_images_of_a_3dgs_output_are_the_ground_truth(ply, tmp_path, capsys):
+    from compresskit.adapters.gaussians.views import fit_camera, read_image
+
+    images = write_dataset(ply)
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    views = loaded.extras["views"]
+    calibration_ids = [i for i in range(10) if i % 8]
+    assert [f.name for f in views.images] == [f"{i:05d}.png" for i in (*calibration_ids, 0, 8)] and views.images_note == ""
+    full = read_image(views.images[0], dataclasses.replace(views.calibration[0], width=80, height=60))
+    rgb, alpha = images[calibration_ids[0]][:3], images[calibration_ids[0]][3:]
+    torch.testing.assert_close(full, rgb * alpha, atol=1e-6, rtol=0)  # same size: no resampling, alpha over black
+
+    spec = adapter.calib_spec(n_samples=3, options={"calib_size": 16, "calib_target": "ground-truth"})
+    for b in adapter.calibration_batches(loaded, spec):
+        (i,) = b["camera_index"].tolist()
+        camera = fit_camera(views.calibration[i], 16)
+        assert b["target"].shape == (1, 3, 12, 16) and torch.equal(b["target"][0], read_image(views.images[i], camera))
+
+    out = tmp_path / "q"
+    main(["quantize", "--model", str(ply), "--method", "pq", "--bits", "2", "--preset", "none", "--out", str(out), "--option", "eval_size=16",
+          "--option", "prune=0.5", "--option", "prune_steps=5", "--option", "prune_size=16", "--option", "prune_target=ground-truth", "--json"])
+    after = json.loads(capsys.readouterr().out)["report"]["metrics"]["after"]
+    assert after["psnr_drop_db"] == pytest.approx(after["psnr_gt_original"] - after["psnr_gt"]) and 0 < after["psnr_gt"] < 100
+    main(["eval", str(out), "--option", "eval_size=16", "--json"])  # the directory keeps where the images are
+    assert json.loads(capsys.readouterr().out)["metrics"]["psnr_drop_db"] == pytest.approx(after["psnr_drop_db"], abs=1e-4)
+
+
+@pytest.mark.parametrize("damage, note", [
+    ("missing", "no image 00003.* in"),
+    ("white", "trained on a white background"),
+    ("no-source", "names no source_path"),
+])
+def test_a_dataset_without_usable_images_is_one_clear_error(ply, tmp_path, damage, note, capsys):
+    write_dataset(ply, white=damage == "white")
+    if damage == "missing":
+        (ply.parent / "dataset" / "images" / "00003.png").unlink()
+    if damage == "no-source":
+        (ply.parent / "cfg_args").write_text("Namespace(eval=True)")
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    assert loaded.extras["views"].images == () and note in loaded.extras["views"].images_note
+    with pytest.raises(CompressKitError, match="calib_target=ground-truth: this scene has no ground-truth images"):
+        adapter.calibration_batches(loaded, adapter.calib_spec(n_samples=2, options={"calib_target": "ground-truth"}))
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--model", str(ply), "--method", "rtn", "--bits", "4", "--preset", "none", "--out", str(out),
+              "--option", "prune=0.5", "--option", "prune_target=ground-truth", "--option", "prune_size=16"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and note in errors[0] and not out.exists()
+    assert "psnr_drop_db" not in adapter.evaluate(loaded, adapter.eval_spec(options=EVAL))
 
 
 def test_cli_quantize_eval_render_and_decompress(ply, tmp_path, capsys):
