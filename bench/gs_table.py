@@ -21,6 +21,7 @@ that rate, the family's opacity / position methods), with suffixes:
 * ``+lean``: positions at 12 bits per coordinate and opacity at 6 bits (``--override``);
 * ``+compact``: ``+lean`` and one 256-entry codebook per attribute over its whole vector (SH
   ``d = 45``, colour and scale ``d = 3``, rotation ``d = 4``; no pool), the compact end;
+* ``+t8``: with ``+compact``, the codebooks stored as 8-bit levels (``table_bits=8``) instead of float16;
 * ``+prune``: first the family's preparation step (``CompressConfig(prepare=...)``, CLI ``--option
   prune=F``): drop ``--prune`` of the Gaussians by importance and fine-tune the rest ``--prune-steps``
   steps against the unpruned scene's renders (``docs/gaussians.md``). The file ratio and the drop are
@@ -59,10 +60,12 @@ def config_for(row: str, prepare: dict | None = None):
 
     spec, *flags = row.split("+")
     method, _, bits = spec.partition(":")
-    unknown = set(flags) - {"em", "st", "lean", "compact", "prune"}
-    if unknown or not bits.isdigit():
-        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em|+st][+prune][+lean|+compact]")
+    unknown = set(flags) - {"em", "st", "lean", "compact", "prune", "t8"}
+    if unknown or not bits.isdigit() or "t8" in flags and "compact" not in flags:
+        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em|+st][+prune][+lean|+compact[+t8]]")
     overrides = COMPACT if "compact" in flags else LEAN if "lean" in flags else ()
+    if "t8" in flags:  # 8-bit centroid tables (table_bits=8) for the codebook attributes
+        overrides = tuple((p, {**o, "table_bits": 8} if o["method"] == "pq" else o) for p, o in overrides)
     prepare = dict(prepare or {}) if "prune" in flags else {}
     calibration = "st" if "st" in flags else "em" if "em" in flags else None
     return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), calibration

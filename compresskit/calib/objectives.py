@@ -56,19 +56,26 @@ def codebook_tensors(model: nn.Module) -> dict[str, QuantizedTensor]:
 
 
 def trainable_tensors(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
-    """Every codebook/pool/row-scale tensor of ``model``'s codebook layers, with its learning-rate
+    """The centroid table and row scales (``codebook_layout()``) of ``model``'s codebook layers, each with its learning-rate
     multiplier. ``lr`` is in weight units (the DPQ setting, 1e-4, is for raw weights): centroids
     of a row-scaled layer live in units of the row scale, so their step is ``lr / mean(scale)``,
     which moves the rebuilt weight about as far as ``lr`` moves an unscaled centroid."""
     params = []
     for module in codebook_tensors(model).values():
-        tensors = module.state_tensors()
-        scale = tensors.get("scale_")
+        layout = module.bind().codebook_layout()  # the module's own tensors, bound
+        scale = layout.row_scales
         unit = _unit(scale) if scale is not None else 1.0
-        for name, p in tensors.items():
-            if p.is_floating_point():
-                params.append((p, 1.0 if name == "scale_" else 1.0 / unit))
+        params.append((layout.table, 1.0 / unit))  # the centroid table (not an 8-bit table's grid)
+        if scale is not None:
+            params.append((scale, 1.0))
     return params
+
+
+def settle(model: nn.Module) -> None:
+    """Round every compressed tensor's learned state to what the file stores, after an optimiser
+    wrote the bound tensors (:meth:`Quantizer.settle`: a codebook's 8-bit table back onto its grid)."""
+    for _, _, qt in quantized_tensors(model).values():
+        qt.bind().settle()
 
 
 def dense_tensors(model: nn.Module, patterns: str) -> list[tuple[nn.Parameter, float]]:
@@ -224,7 +231,9 @@ class BlockObjective:
             j = step % len(calls)
             return (run_call(block, calls[j], store) - store.resolve(teacher[j])).pow(2).mean()
 
-        return optimise(trainable_tensors(block), loss_fn, self.config)
+        loss = optimise(trainable_tensors(block), loss_fn, self.config)
+        settle(block)
+        return loss
 
     def train_soft(self, model: nn.Module, block_name: str, names: list[str], calls: list, teacher: list, store: ActivationStore) -> float:
         """VQ4DiT: train soft candidate assignments and centroids of the block's codebook layers to
@@ -293,7 +302,9 @@ class ModelObjective:
         )
 
     def optimise(self, model: nn.Module, loss_fn, progress=None, label: str = "M-step") -> float:
-        return optimise(self.trainable(model), loss_fn, self.config, progress, label)
+        loss = optimise(self.trainable(model), loss_fn, self.config, progress, label)
+        settle(model)
+        return loss
 
     def em_round(self, model: nn.Module, progress=None, label: str = "EM round") -> float:
         """One whole-model EM round: task-loss M-step, dead-centroid re-init, E-step.

@@ -161,6 +161,11 @@ class Quantizer:
             setattr(self, key, tensors[key])
         self.codes_ = codes
 
+    def settle(self) -> None:
+        """Round the learned float state in place to what the file stores, after anything wrote it
+        directly (an optimiser step on the bound tensors). A no-op unless a quantizer stores its
+        tensors coarser than it holds them (a codebook's 8-bit table, ``table_bits=8``)."""
+
     # ---- size accounting --------------------------------------------------------------------
     def size_report(self) -> SizeReport:
         """All-in size of the fitted tensor (codes, codebooks/pool, tables, scales)."""

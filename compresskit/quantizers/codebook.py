@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from compresskit.errors import CompressKitError
+from compresskit.quantizers import tablecode
 from compresskit.quantizers.base import Quantizer, _describe
 
 
@@ -100,9 +101,71 @@ class CodebookQuantizer(Quantizer, metaclass=abc.ABCMeta):
 
     def set_centroids(self, table: torch.Tensor) -> None:
         """Write ``table`` (the shape of ``codebook_layout().table``) into the stored table in place,
-        rounded to its stored dtype (float16 for PQ and VQ)."""
+        rounded to its stored dtype (float16 for PQ and VQ) and, with ``table_bits=8``, to its grid."""
         stored = self.codebook_layout().table
         _copy_float(self.name, "set_centroids", stored, table)
+        self.settle()
+
+    # ---- 8-bit tables (``table_bits=8``, see tablecode.py) ----------------------------------------
+    # In memory the table stays float16 (what decoding, calibration and the kernels read), held on
+    # a grid whose ``lo`` and ``step`` are one more state tensor, ``<table>grid_`` [..., 2, d]; on
+    # disk the table is its 8-bit levels, ``<table>q_``. Everything that writes the table settles it.
+    @property
+    def table_bits_(self) -> int:
+        return getattr(self, "table_bits", 16)
+
+    def _table_state_names(self, table_name: str) -> tuple[str, ...]:
+        """The stored names of the table ``table_name``: itself, and its grid with 8-bit tables."""
+        return (table_name, table_name + "grid_") if self.table_bits_ == 8 else (table_name,)
+
+    def _hold_table(self, name: str, table: torch.Tensor) -> None:
+        """Set the table attribute ``name`` to ``table`` in float16 (during a fit: replaces the tensor),
+        on its grid with 8-bit tables."""
+        if self.table_bits_ == 8:
+            table, _, lo, step = tablecode.snap(table)
+            setattr(self, name + "grid_", torch.cat([lo, step], dim=-2))
+        setattr(self, name, table.to(torch.float16))
+
+    def settle(self) -> None:
+        """Put the centroid table on its 8-bit grid, in place (the grid follows the table's range)."""
+        if self.table_bits_ != 8:
+            return
+        layout = self.codebook_layout()
+        snapped, _, lo, step = tablecode.snap(layout.table)
+        grid = torch.cat([lo, step], dim=-2)  # [..., 2, d]
+        name = layout.table_name + "grid_"
+        with torch.no_grad():
+            layout.table.copy_(snapped.to(layout.table.dtype))
+            stored = getattr(self, name, None)
+            if stored is None or stored.shape != grid.shape:
+                setattr(self, name, grid.to(layout.table.device))
+            else:
+                stored.copy_(grid.to(stored.dtype))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """As :meth:`Quantizer.state_tensors`; an 8-bit table is stored as its levels ``<table>q_``
+        (uint8) beside its grid, and must lie on that grid (it does after :meth:`settle`)."""
+        out = super().state_tensors()
+        if self.table_bits_ != 8:
+            return out
+        name = self.codebook_layout().table_name
+        table, grid = out.pop(name).cpu(), out[name + "grid_"].cpu()
+        lo, step = grid.split(1, dim=-2)
+        q = tablecode.quantize(table, lo, step)
+        if not torch.equal(tablecode.decode(q, lo, step), table.to(torch.float16)):
+            raise CompressKitError(f"{self.name}: the centroid table is off its 8-bit grid (written without settle()); call quantizer.settle() before saving")
+        out[name + "q_"] = q
+        return out
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Quantizer":
+        """As :meth:`Quantizer.from_state`; an 8-bit table is rebuilt from its levels and grid."""
+        tensors = dict(tensors)
+        for key in [k for k in tensors if k.endswith("_q_")]:
+            table_name = key[: -len("q_")]
+            lo, step = tensors[table_name + "grid_"].split(1, dim=-2)
+            tensors[table_name] = tablecode.decode(tensors.pop(key), lo, step)
+        return super().from_state(tensors, meta)
 
     def set_row_scales(self, scale: torch.Tensor) -> None:
         """Write per-row scales ``[m]`` into the stored row scales in place, rounded to their dtype."""

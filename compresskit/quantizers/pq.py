@@ -13,7 +13,9 @@ than the codes themselves. With the pool on (default), the codebooks are then re
 ``N' = m n / (16 d^2)`` entries and a ``projection [n_books, k]`` int16 table (see ``pool.py``).
 
 ``row_scale=True`` divides each row by its RMS before k-means and keeps that float16 scale per row
-(see ``rowscale.py``); off by default, as in the paper.
+(see ``rowscale.py``); off by default, as in the paper. ``table_bits=8`` stores the codebooks (or
+the pool) as 8-bit levels on a grid per book and coordinate instead of float16 (``tablecode.py``):
+half the table's bytes, for tensors small enough that the table is a large share of them.
 
 Defaults by target bits follow the DPQ README: d = 2 (4-bit), 3 (3-bit), 4 (2-bit), 8 (1-bit).
 A width that d does not divide is zero-padded; the padding is recorded in ``pad_`` and cropped.
@@ -39,10 +41,17 @@ from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
 from compresskit.quantizers.pool import build_pool, pool_size_for, refine_pool
 from compresskit.quantizers.rowscale import SCALE_BITS, fit_row_scale, normalise_rows
+from compresskit.quantizers.tablecode import TABLE_BITS, table_bits
 from compresskit.registry import register_quantizer
 
 D_BY_BITS = {4: 2, 3: 3, 2: 4, 1: 8}
 FLOAT_BITS = 16  # codebooks and pool are stored in float16
+
+
+def check_table_bits(qname: str, bits: Any) -> None:
+    """``table_bits`` is 16 (float16 centroid tables) or 8 (8-bit levels on a per-book grid, tablecode.py)."""
+    if bits not in TABLE_BITS or isinstance(bits, bool):
+        raise CompressKitError(f"{qname}: table_bits must be 16 (float16 centroids) or 8 (8-bit levels on a per-book grid), got {bits!r}")
 
 
 def subvector_dim(bits: int, d: int | None, qname: str) -> int:
@@ -87,6 +96,7 @@ class PQ(CodebookQuantizer):
         tau_c: float = 0.05,
         pool_iters: int = 5,
         row_scale: bool = False,
+        table_bits: int = 16,
         seed: int = 0,
     ):
         self.bits = bits
@@ -101,6 +111,7 @@ class PQ(CodebookQuantizer):
         self.tau_c = tau_c
         self.pool_iters = pool_iters
         self.row_scale = row_scale
+        self.table_bits = table_bits
         self.seed = seed
 
     # ---- parameters -------------------------------------------------------------------------
@@ -119,6 +130,7 @@ class PQ(CodebookQuantizer):
         check_int("pool_iters", self.name, self.pool_iters, 0, 1000)
         if not isinstance(self.row_scale, bool):
             raise CompressKitError(f"{self.name}: row_scale must be True or False, got {self.row_scale!r}")
+        check_table_bits(self.name, self.table_bits)
 
     @property
     def code_bits_(self) -> int:
@@ -146,8 +158,8 @@ class PQ(CodebookQuantizer):
     def _table_bits(self, n_books: int, pool_entries: int) -> dict[str, int]:
         """Bits of everything but the codes: codebooks, or pool + projection table."""
         if pool_entries:
-            return {"pool": pool_entries * self.d_ * FLOAT_BITS, "projection": n_books * self.k * _index_bits(pool_entries)}
-        return {"codebooks": n_books * self.k * self.d_ * FLOAT_BITS}
+            return {"pool": table_bits(pool_entries, self.d_, 1, self.table_bits), "projection": n_books * self.k * _index_bits(pool_entries)}
+        return {"codebooks": table_bits(n_books * self.k, self.d_, n_books, self.table_bits)}
 
     def adapt_to_shape(self, shape: tuple[int, ...]) -> tuple["PQ | None", str | None]:
         """See :meth:`Quantizer.adapt_to_shape`. The automatic ``share`` already grows until a book
@@ -195,10 +207,10 @@ class PQ(CodebookQuantizer):
     def _fitted_size(self) -> dict[str, int]:
         parts = {"codes": self.codes_.numel() * self.code_bits_}
         if self.pooled_:
-            parts["pool"] = self.pool_.numel() * FLOAT_BITS
+            parts["pool"] = table_bits(self.pool_.shape[0], self.d_, 1, self.table_bits)
             parts["projection"] = self.projection_.numel() * _index_bits(self.pool_.shape[0])
         else:
-            parts["codebooks"] = self.codebooks_.numel() * FLOAT_BITS
+            parts["codebooks"] = table_bits(self.codebooks_.shape[0] * self.k, self.d_, self.codebooks_.shape[0], self.table_bits)
         parts.update(self._scale_bits(self.codes_.shape[0]))
         return parts
 
@@ -219,7 +231,7 @@ class PQ(CodebookQuantizer):
             )
         X, weights = _group_books(sub, self.share_, n_books)  # [n_books, share*m, d]
         C, _, _ = kmeans(X, self.k, self.n_iter, self.init, float(self.noise), self.seed, weights)
-        self.codebooks_ = C.to(torch.float16)  # [n_books, k, d]
+        self._hold_table("codebooks_", C)  # [n_books, k, d] float16 (on its grid with 8-bit tables)
         self.pooled_ = False
         codes = self._assign(sub, self.codebooks_.float())  # [n_sub, m]
         self.codes_ = codes.t().contiguous().to(code_dtype(self.code_bits_))  # [m, n_sub]
@@ -237,10 +249,13 @@ class PQ(CodebookQuantizer):
             book_idx = self._book_of(n_sub)[:, None] * self.k  # [n_sub, 1]
             pool, projection, codes = refine_pool(sub, book_idx, codes, pool, projection, self.pool_iters, self.k)
             self.codes_ = codes.t().contiguous().to(code_dtype(self.code_bits_))
-        self.pool_ = pool.to(torch.float16)  # [P, d]
+        self._hold_table("pool_", pool)  # [P, d] float16
         self.projection_ = projection.to(torch.int16 if self.pool_.shape[0] <= 32767 else torch.int32)  # [n_books, k]
         self.pooled_ = True
         del self.codebooks_
+        if self.table_bits == 8:  # the pool moved onto its grid: nearest entries again
+            del self.codebooks_grid_
+            self.codes_ = self._assign(sub, self.effective_codebooks()).t().contiguous().to(code_dtype(self.code_bits_))
         self.error_before_pool_ = before
         self.error_after_pool_ = _rel_error(self._rebuild(codes, self.effective_codebooks().reshape(-1, d)), sub)
 
@@ -300,7 +315,7 @@ class PQ(CodebookQuantizer):
     # ---- persistence ------------------------------------------------------------------------
     @property
     def _state_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
-        tables = ("pool_", "projection_") if self.pooled_ else ("codebooks_",)
+        tables = (*self._table_state_names("pool_"), "projection_") if self.pooled_ else self._table_state_names("codebooks_")
         return tables + (("scale_",) if self.row_scale else ())
 
     def diagnostics(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The weight ``[m, n]`` is cut into subvectors of d consecutive input columns (zero-padded when d does
 not divide n); all of them share one codebook of k centroids (``row_groups`` > 1: one codebook per
 block of ``m / row_groups`` rows). Defaults by target bits: d as for PQ, ``k = 2 ** (bits * d)``.
-``row_scale=True`` keeps a float16 scale per row, as for PQ (see ``rowscale.py``).
+``row_scale=True`` keeps a float16 scale per row, as for PQ (see ``rowscale.py``); ``table_bits=8``
+stores the codebooks as 8-bit levels, as for PQ (``tablecode.py``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from compresskit.quantizers.codebook import (
 )
 from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
-from compresskit.quantizers.pq import FLOAT_BITS, subvector_dim, to_subvectors
+from compresskit.quantizers.pq import check_table_bits, subvector_dim, to_subvectors
 from compresskit.quantizers.rowscale import SCALE_BITS, fit_row_scale, normalise_rows
+from compresskit.quantizers.tablecode import table_bits
 from compresskit.registry import register_quantizer
 
 
@@ -44,6 +46,7 @@ class VQ(CodebookQuantizer):
         init: str = "kmeans++",
         noise: float = 0.0,
         row_scale: bool = False,
+        table_bits: int = 16,
         seed: int = 0,
     ):
         self.bits = bits
@@ -54,6 +57,7 @@ class VQ(CodebookQuantizer):
         self.init = init
         self.noise = noise
         self.row_scale = row_scale
+        self.table_bits = table_bits
         self.seed = seed
 
     def _validate_params(self) -> None:
@@ -71,10 +75,11 @@ class VQ(CodebookQuantizer):
             raise CompressKitError(f"{self.name}: init must be 'kmeans++' or 'random', got {self.init!r}")
         if not isinstance(self.row_scale, bool):
             raise CompressKitError(f"{self.name}: row_scale must be True or False, got {self.row_scale!r}")
+        check_table_bits(self.name, self.table_bits)
 
     @property
     def _state_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("codebooks_", "scale_") if self.row_scale else ("codebooks_",)
+        return self._table_state_names("codebooks_") + (("scale_",) if self.row_scale else ())
 
     @property
     def code_bits_(self) -> int:
@@ -85,7 +90,7 @@ class VQ(CodebookQuantizer):
         n_sub = math.ceil(cols / self.d_)
         return {
             "codes": rows * n_sub * self.code_bits_,
-            "codebooks": self.row_groups * self.k_ * self.d_ * FLOAT_BITS,
+            "codebooks": table_bits(self.row_groups * self.k_, self.d_, self.row_groups, self.table_bits),
             **({"scales": rows * SCALE_BITS} if self.row_scale else {}),
         }
 
@@ -155,7 +160,7 @@ class VQ(CodebookQuantizer):
                 f"but this weight gives {X.shape[1]}; lower k or bits, or use fewer row_groups"
             )
         C, _, _ = kmeans(X, self.k_, self.n_iter, self.init, float(self.noise), self.seed)
-        self.codebooks_ = C.to(torch.float16)  # [row_groups, k, d]
+        self._hold_table("codebooks_", C)  # [row_groups, k, d] float16 (on its grid with 8-bit tables)
 
     def _normalise(self, W: torch.Tensor) -> torch.Tensor:
         return normalise_rows(W, self.scale_) if self.row_scale else W
