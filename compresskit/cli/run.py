@@ -106,9 +106,10 @@ def build_configs(req: QuantizeRequest, adapter):
             settings["source"] = req.calib_data
         if req.calib_samples is not None:
             settings["n_samples"] = req.calib_samples
-        if calib_options:
-            settings["options"] = calib_options
-        calibration = adapter.calibration_preset(req.preset).with_settings(settings)
+        preset = adapter.calibration_preset(req.preset)
+        if calib_options:  # on top of the preset's own options (the gaussians `best` sets calib_size), not instead of them
+            settings["options"] = {**preset.options, **calib_options}
+        calibration = preset.with_settings(settings)
         adapter.calib_spec(calibration.source, calibration.n_samples, calibration.seed, calibration.options)  # validate now
     eval_spec = None
     if req.evaluate:

@@ -88,3 +88,5 @@ def test_the_cli_preset_of_a_scene_is_render_loss_training_with_quantization_in_
         adapter,
     )
     assert (mine.latent_steps, mine.n_samples, mine.options) == (10, 8, {"calib_size": 32})  # the caller's settings win
+    _, truth, _ = build_configs(QuantizeRequest(model="ref-scene", preset="best", options={"calib_target": "ground-truth"}, evaluate=False), adapter)
+    assert truth.options == {"calib_size": 96, "calib_target": "ground-truth"}  # an --option adds to the preset's options, not instead of them
