@@ -9,15 +9,18 @@ coordinate (finer than float16 inside a bounded scene), or kept float16 with ``-
 gaussians.means``. The user's ``--override`` wins over both.
 
 Preparation (``--option prune=0.5``, ``prune.py``): before the targets are found, the least important
-Gaussians are dropped and the rest fine-tuned against the uncompressed scene's renders; evaluation
-and the ratios still compare with the original, unpruned ``.ply``.
+Gaussians are dropped and the rest fine-tuned against the uncompressed scene's renders (or, with
+``prune_target=ground-truth``, its ground-truth images); evaluation and the ratios still compare with
+the original, unpruned ``.ply``.
 
 Calibration renders: a batch is one calibration camera and the uncompressed scene's picture from
-it (the unpruned scene's, when the scene was pruned); the task loss is 3DGS's training loss, ``0.8 L1 + 0.2 D-SSIM`` of the render against that
-picture, so the EM M-step trains the codebooks through the differentiable CPU renderer.
+it (the unpruned scene's, when the scene was pruned), or with ``calib_target=ground-truth`` its
+ground-truth image; the task loss is 3DGS's training loss, ``0.8 L1 + 0.2 D-SSIM``, of the render
+against that picture, so the EM M-step trains the codebooks through the differentiable CPU renderer.
 Evaluation renders the held-out cameras (``views.py``) and compares with the uncompressed scene's
-renders (``psnr``, ``ssim``), with the ground truth where there is one (the reference scene:
-``psnr_gt``, ``psnr_drop_db``), and reports the compression ratios.
+renders (``psnr``, ``ssim``), with the ground truth where there is one (the reference scene's
+procedural images, or a 3DGS output's training images: ``psnr_gt``, ``psnr_drop_db``), and reports
+the compression ratios.
 """
 from __future__ import annotations
 

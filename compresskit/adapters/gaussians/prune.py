@@ -2,9 +2,10 @@
 
 Why: a 3DGS scene's bytes grow with its Gaussians, and a trained scene holds many that barely show. The
 issue-14 study (``bench/gs_study``, ``docs/LAB_LOG.md`` 2026-12-07) dropped half of the reference scene's
-Gaussians and fine-tuned the rest, at a cost of 0.08-0.21 dB; the product does the same, with one change:
-the fine-tune has no ground truth to train on (a user's scene has none), so it **distils** the
-uncompressed scene, training against its renders from the calibration cameras.
+Gaussians and fine-tuned the rest, at a cost of 0.08-0.21 dB training on ground truth; the product does
+the same. By default it **distils** the uncompressed scene, training against its renders from the
+calibration cameras, which every scene has; ``target="ground-truth"`` trains on the cameras' true images
+where the adapter has them (0.18-0.22 dB better on the reference scene, ``docs/BENCHMARKS.md``).
 
 1. **Importance** of a Gaussian: its blend weight ``a_i T_i`` summed over every pixel of every calibration
    view (Mini-Splatting's and LightGaussian's measure of what a Gaussian adds to the pictures). It is read
@@ -15,7 +16,7 @@ uncompressed scene, training against its renders from the calibration cameras.
 2. **Pruning** keeps the ``round((1 - fraction) N)`` most important (ties: the lower index), in their order.
 3. **Fine-tuning**: every attribute of the kept Gaussians, ``steps`` steps of one calibration view each (a
    fresh seeded permutation of the views every epoch), 3DGS's loss ``0.8 L1 + 0.2 D-SSIM`` against the
-   uncompressed scene's render, Adam (0.9, 0.999, eps 1e-15) with 3DGS's per-attribute learning rates
+   uncompressed scene's render (or the ground-truth image), Adam (0.9, 0.999, eps 1e-15) with 3DGS's per-attribute learning rates
    times ``lr_scale``; positions at the end of 3DGS's schedule (1.6e-5 -> 1.6e-6 times the cameras'
    extent, log-linear), as the study did.
 
