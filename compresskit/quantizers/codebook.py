@@ -122,8 +122,8 @@ class CodebookQuantizer(Quantizer, metaclass=abc.ABCMeta):
         """Set the table attribute ``name`` to ``table`` in float16 (during a fit: replaces the tensor),
         on its grid with 8-bit tables."""
         if self.table_bits_ == 8:
-            table, _, lo, step = tablecode.snap(table)
-            setattr(self, name + "grid_", torch.cat([lo, step], dim=-2))
+            table, grid = tablecode.snap(table)
+            setattr(self, name + "grid_", grid)
         setattr(self, name, table.to(torch.float16))
 
     def settle(self) -> None:
@@ -131,16 +131,11 @@ class CodebookQuantizer(Quantizer, metaclass=abc.ABCMeta):
         if self.table_bits_ != 8:
             return
         layout = self.codebook_layout()
-        snapped, _, lo, step = tablecode.snap(layout.table)
-        grid = torch.cat([lo, step], dim=-2)  # [..., 2, d]
-        name = layout.table_name + "grid_"
-        with torch.no_grad():
+        snapped, grid = tablecode.snap(layout.table)
+        stored = getattr(self, layout.table_name + "grid_")  # set by the fit or from_state
+        with torch.no_grad():  # in place: a module holding these tensors sees the change
             layout.table.copy_(snapped.to(layout.table.dtype))
-            stored = getattr(self, name, None)
-            if stored is None or stored.shape != grid.shape:
-                setattr(self, name, grid.to(layout.table.device))
-            else:
-                stored.copy_(grid.to(stored.dtype))
+            stored.copy_(grid.to(stored.dtype))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """As :meth:`Quantizer.state_tensors`; an 8-bit table is stored as its levels ``<table>q_``

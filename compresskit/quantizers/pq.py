@@ -41,17 +41,10 @@ from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
 from compresskit.quantizers.pool import build_pool, pool_size_for, refine_pool
 from compresskit.quantizers.rowscale import SCALE_BITS, fit_row_scale, normalise_rows
-from compresskit.quantizers.tablecode import TABLE_BITS, table_bits
+from compresskit.quantizers.tablecode import check_bits, table_bits
 from compresskit.registry import register_quantizer
 
 D_BY_BITS = {4: 2, 3: 3, 2: 4, 1: 8}
-FLOAT_BITS = 16  # codebooks and pool are stored in float16
-
-
-def check_table_bits(qname: str, bits: Any) -> None:
-    """``table_bits`` is 16 (float16 centroid tables) or 8 (8-bit levels on a per-book grid, tablecode.py)."""
-    if bits not in TABLE_BITS or isinstance(bits, bool):
-        raise CompressKitError(f"{qname}: table_bits must be 16 (float16 centroids) or 8 (8-bit levels on a per-book grid), got {bits!r}")
 
 
 def subvector_dim(bits: int, d: int | None, qname: str) -> int:
@@ -130,7 +123,7 @@ class PQ(CodebookQuantizer):
         check_int("pool_iters", self.name, self.pool_iters, 0, 1000)
         if not isinstance(self.row_scale, bool):
             raise CompressKitError(f"{self.name}: row_scale must be True or False, got {self.row_scale!r}")
-        check_table_bits(self.name, self.table_bits)
+        check_bits(self.name, self.table_bits)
 
     @property
     def code_bits_(self) -> int:

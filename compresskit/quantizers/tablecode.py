@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from compresskit.errors import CompressKitError
+
 LEVELS = 255  # q in 0..255
 TABLE_BITS = (16, 8)  # what ``table_bits`` may be: float16 tables, or these
 
@@ -42,10 +44,16 @@ def decode(q: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tenso
     return (lo.float() + step.float() * q.float()).to(torch.float16)
 
 
-def snap(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(the table on its grid, float16; q; lo; step)``."""
+def snap(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(the table on its grid, float16; the grid [..., 2, d]: lo, then step)``."""
     q, lo, step = encode(table)
-    return decode(q, lo, step), q, lo, step
+    return decode(q, lo, step), torch.cat([lo, step], dim=-2)
+
+
+def check_bits(qname: str, bits) -> None:
+    """``table_bits`` is 16 (float16 centroid tables) or 8 (8-bit levels on a per-book grid)."""
+    if bits not in TABLE_BITS or isinstance(bits, bool):
+        raise CompressKitError(f"{qname}: table_bits must be 16 (float16 centroids) or 8 (8-bit levels on a per-book grid), got {bits!r}")
 
 
 def table_bits(entries: int, d: int, books: int, bits: int) -> int:

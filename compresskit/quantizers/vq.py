@@ -25,9 +25,9 @@ from compresskit.quantizers.codebook import (
 )
 from compresskit.quantizers.kmeans import assign, kmeans
 from compresskit.quantizers.packing import code_dtype
-from compresskit.quantizers.pq import check_table_bits, subvector_dim, to_subvectors
+from compresskit.quantizers.pq import subvector_dim, to_subvectors
 from compresskit.quantizers.rowscale import SCALE_BITS, fit_row_scale, normalise_rows
-from compresskit.quantizers.tablecode import table_bits
+from compresskit.quantizers.tablecode import check_bits, table_bits
 from compresskit.registry import register_quantizer
 
 
@@ -75,7 +75,7 @@ class VQ(CodebookQuantizer):
             raise CompressKitError(f"{self.name}: init must be 'kmeans++' or 'random', got {self.init!r}")
         if not isinstance(self.row_scale, bool):
             raise CompressKitError(f"{self.name}: row_scale must be True or False, got {self.row_scale!r}")
-        check_table_bits(self.name, self.table_bits)
+        check_bits(self.name, self.table_bits)
 
     @property
     def _state_tensors(self) -> tuple[str, ...]:  # type: ignore[override]

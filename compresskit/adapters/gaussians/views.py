@@ -57,12 +57,13 @@ def scene_views(ply: Path | None, means: torch.Tensor, size: int = 0) -> Views:
     if ply is not None:
         found = _find_cameras_json(ply)
         if found is not None:
-            cams = [fit_camera(c, size) for c in read_cameras_json(found)]
+            entries = _read_json(found)
+            cams = [fit_camera(c, size) for c in cameras_from_json(entries, found)]
             if len(cams) < 2:
                 raise CompressKitError(f"{found}: needs at least 2 cameras to keep calibration and evaluation apart, has {len(cams)}")
             held = [c for i, c in enumerate(cams) if i % HOLD_EVERY == 0]
             train = [c for i, c in enumerate(cams) if i % HOLD_EVERY != 0]
-            files, note = training_images(found)
+            files, note = training_images(found, entries)
             if files:
                 files = [f for i, f in enumerate(files) if i % HOLD_EVERY != 0] + [f for i, f in enumerate(files) if i % HOLD_EVERY == 0]
             return Views(tuple(train), tuple(held), f"cameras.json: {found}", tuple(files), note)
@@ -89,7 +90,11 @@ def orbit_views(means: torch.Tensor, size: int = 0, n_calibration: int = 24, n_e
 
 def read_cameras_json(path: Path) -> list[Camera]:
     """The cameras of a 3DGS ``cameras.json`` (see the module docstring)."""
-    entries = _read_json(path)
+    return cameras_from_json(_read_json(path), path)
+
+
+def cameras_from_json(entries, path: Path) -> list[Camera]:
+    """The cameras of the parsed ``cameras.json`` at ``path`` (named in errors)."""
     if not isinstance(entries, list) or not entries:
         raise CompressKitError(f"{path}: a 3DGS cameras.json is a non-empty list of cameras")
     cams = []
@@ -107,9 +112,9 @@ def read_cameras_json(path: Path) -> list[Camera]:
     return cams
 
 
-def training_images(cameras_json: Path) -> tuple[list[Path], str]:
+def training_images(cameras_json: Path, entries: list) -> tuple[list[Path], str]:
     """``(the image file of each camera of cameras_json, in its order; "")``, found through the
-    ``cfg_args`` beside it (see the module docstring), or ``([], why not)``."""
+    ``cfg_args`` beside it (see the module docstring), or ``([], why not)``; ``entries``: the file, parsed."""
     cfg = cameras_json.parent / "cfg_args"
     if not cfg.is_file():
         return [], f"no cfg_args beside {cameras_json} names the dataset the scene was trained on"
@@ -124,7 +129,6 @@ def training_images(cameras_json: Path) -> tuple[list[Path], str]:
     if not root.is_absolute():
         root = cameras_json.parent / root
     root = root / (folder.group(2) if folder else "images")
-    entries = _read_json(cameras_json)
     files = []
     for i, e in enumerate(entries):
         name = e.get("img_name") if isinstance(e, dict) else None
