@@ -22,6 +22,12 @@ that rate, the family's opacity / position methods), with suffixes:
 * ``+compact``: ``+lean`` and one 256-entry codebook per attribute over its whole vector (SH
   ``d = 45``, colour and scale ``d = 3``, rotation ``d = 4``; no pool), the compact end;
 * ``+t8``: with ``+compact``, the codebooks stored as 8-bit levels (``table_bits=8``) instead of float16;
+* ``+mo``: with ``+lean`` or ``+compact``, positions with the ``morton`` quantizer at 12 bits and the
+  Gaussians in Morton order (``--option order=morton``): the same grid, coded as Rice-coded key gaps;
+* ``+sh512``: with ``+compact``, a 512-entry SH-rest codebook instead of 256;
+* ``+geo``: with ``+compact``, finer geometry, as the issue-14 study's best layout had it: scales as
+  three 64-level scalar codebooks (``pq`` with ``d = 1``, ``k = 64``: 18 bits per Gaussian) and
+  rotations with a 1024-entry codebook;
 * ``+prune``: first the family's preparation step (``CompressConfig(prepare=...)``, CLI ``--option
   prune=F``): drop ``--prune`` of the Gaussians by importance and fine-tune the rest ``--prune-steps``
   steps against the unpruned scene's renders (``docs/gaussians.md``). The file ratio and the drop are
@@ -60,13 +66,23 @@ def config_for(row: str, prepare: dict | None = None):
 
     spec, *flags = row.split("+")
     method, _, bits = spec.partition(":")
-    unknown = set(flags) - {"em", "st", "lean", "compact", "prune", "t8"}
-    if unknown or not bits.isdigit() or "t8" in flags and "compact" not in flags:
-        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em|+st][+prune][+lean|+compact[+t8]]")
+    unknown = set(flags) - {"em", "st", "lean", "compact", "prune", "t8", "mo", "sh512", "geo"}
+    if (unknown or not bits.isdigit() or {"t8", "sh512", "geo"} & set(flags) and "compact" not in flags
+            or "mo" in flags and not {"lean", "compact"} & set(flags)):
+        raise SystemExit(f"row {row!r}: write METHOD:BITS[+em|+st][+prune][+lean[+mo]|+compact[+t8][+mo][+sh512][+geo]]")
     overrides = COMPACT if "compact" in flags else LEAN if "lean" in flags else ()
     if "t8" in flags:  # 8-bit centroid tables (table_bits=8) for the codebook attributes
         overrides = tuple((p, {**o, "table_bits": 8} if o["method"] == "pq" else o) for p, o in overrides)
+    if "sh512" in flags:
+        overrides = tuple((p, {**o, "k": 512} if p == "gaussians.f_rest" else o) for p, o in overrides)
+    if "geo" in flags:
+        finer = {"gaussians.scales": {"d": 1, "k": 64}, "gaussians.quats": {"k": 1024}}
+        overrides = tuple((p, {**o, **finer.get(p, {})}) for p, o in overrides)
+    if "mo" in flags:
+        overrides = tuple((p, {"method": "morton", "bits": 12} if p == "gaussians.means" else o) for p, o in overrides)
     prepare = dict(prepare or {}) if "prune" in flags else {}
+    if "mo" in flags:
+        prepare["order"] = "morton"
     calibration = "st" if "st" in flags else "em" if "em" in flags else None
     return CompressConfig(method=method, bits=int(bits), overrides=overrides, prepare=prepare), calibration
 

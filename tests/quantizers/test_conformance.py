@@ -136,7 +136,7 @@ def test_bad_weights_raise_clear_errors(name, bad, match):
 
 @pytest.mark.parametrize("name", ALL)
 def test_bits_out_of_range(name):
-    too_many = 17 if name in ("rtn", "gptq") else 9  # scalar quantizers go to 16 bits (3DGS positions), codebooks to 8
+    too_many = 17 if name in ("rtn", "gptq", "morton") else 9  # scalar quantizers go to 16 bits (3DGS positions), codebooks to 8
     for bits in (0, too_many, 2.5, "2"):
         with pytest.raises(CompressKitError, match="bits"):
             make(name, bits=bits).fit(weight())

@@ -42,6 +42,7 @@ from compresskit.adapters.gaussians.scene import GaussianScene
 from compresskit.adapters.gaussians.views import Views, fit_camera, read_image, scene_views
 from compresskit.errors import CompressKitError
 from compresskit.io import TENSORS
+from compresskit.quantizers.morton import morton_order
 from compresskit.targets import Layout
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -50,6 +51,7 @@ REFERENCE_PLY = DATA_DIR / "ref_scene.ply"
 ARCH_FILE = "scene.json"
 PSNR_CAP_DB = 100.0  # what identical renders report (their PSNR is infinite)
 FLOAT32_BYTES = 4
+ORDERS = ("keep", "morton")
 
 
 class SplatModel(nn.Module):
@@ -100,6 +102,7 @@ class GaussianSplatAdapter(Adapter):
         "prune_lr": Option(PruneSettings.lr_scale, "factor on 3DGS's per-attribute learning rates for the fine-tuning"),
         "prune_size": Option(PruneSettings.size, "longest image side in pixels of the renders pruning and fine-tuning use"),
         "prune_target": Option(PruneSettings.target, "what the fine-tuning trains towards: the uncompressed scene's renders, or ground-truth images (the reference scene's, or a 3DGS output's training images)", TARGETS),
+        "order": Option("keep", "the order the Gaussians are stored in: as the .ply has them, or along a Morton curve of their positions (what the morton quantizer on gaussians.means codes compactly)", ORDERS),
     }
     loss_keys = ("target",)
 
@@ -151,10 +154,21 @@ class GaussianSplatAdapter(Adapter):
         return settings
 
     def prepare(self, loaded: LoadedModel, options, progress=None) -> dict[str, Any]:
-        """Prune ``options["prune"]`` of the Gaussians and fine-tune the rest (``prune.py``), in place.
-        The unpruned scene stays in ``loaded.extras["teacher"]``: calibration renders its targets from
-        it, and ``extras["original"]`` (what evaluation compares with) still names the unpruned ``.ply``."""
-        settings = PruneSettings.from_options(options)
+        """Prune ``options["prune"]`` of the Gaussians and fine-tune the rest (``prune.py``), then put
+        them in ``options["order"]``, in place. The unpruned scene stays in ``loaded.extras["teacher"]``:
+        calibration renders its targets from it, and ``extras["original"]`` (what evaluation compares
+        with) still names the unpruned ``.ply``. Reordering changes no picture (the renderer sorts by
+        depth), only what the ``morton`` quantizer stores: a point then costs the gap to the previous
+        one's Morton key (``quantizers/morton.py``)."""
+        record = self._prune(loaded, PruneSettings.from_options(options), progress)
+        if options["order"] == "morton":
+            model: SplatModel = loaded.model
+            model.gaussians = model.gaussians.select(morton_order(model.gaussians.means)).requires_grad_(False).eval()
+            record["order"] = "morton"
+            loaded.extras["preparation"] = record
+        return record
+
+    def _prune(self, loaded: LoadedModel, settings: PruneSettings, progress) -> dict[str, Any]:
         if settings.fraction == 0.0:
             return {}
         model: SplatModel = loaded.model

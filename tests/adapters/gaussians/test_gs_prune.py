@@ -151,6 +151,7 @@ def test_calibration_renders_its_targets_from_the_unpruned_scene(ply):
     ({"prune_rate": 0.5}, "no preparation option 'prune_rate'"),
     ({"prune": 0.5, "prune_target": "truth"}, "option 'prune_target' must be one of renders, ground-truth"),
     ({"prune_target": "ground-truth"}, "prune_target would do nothing"),
+    ({"order": "z-curve"}, "option 'order' must be one of keep, morton"),
     ({"prune": 0.5, "prune_steps": 0, "prune_target": "ground-truth"}, "prune_target would do nothing: prune_steps is 0"),
     ({"prune": 0.5, "prune_steps": 1, "prune_target": "ground-truth"}, "prune_target=ground-truth: this scene has no ground-truth images (the cameras come from no 3DGS cameras.json"),
 ])
