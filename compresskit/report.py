@@ -21,7 +21,7 @@ class LayerReport:
     size: SizeReport
     rel_error: float  # ||W - W_hat||^2 / ||W||^2 of the weight
     seconds: float
-    extra: dict[str, float] = field(default_factory=dict)  # e.g. error before/after pooling
+    extra: dict[str, Any] = field(default_factory=dict)  # the quantizer's diagnostics, e.g. error before/after pooling
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

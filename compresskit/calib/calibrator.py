@@ -9,6 +9,7 @@ calls :meth:`Calibrator.run`; the calibrator never names a family or a quantizer
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
@@ -118,11 +119,23 @@ class Calibrator:
         reports = self.walk.run(model, targets, plan, compress_plain, report, progress)
         for r in range(self.config.em_rounds):
             self.em_round(model, progress=progress, label=f"EM round {r + 1}/{self.config.em_rounds}")
-        return reports
+        return sized_as_stored(model, reports) if self.config.em_rounds else reports
 
     def em_round(self, model: nn.Module, progress=None, label: str = "EM round") -> float:
         """One whole-model EM round (:meth:`ModelObjective.em_round`)."""
         return self.model_objective.em_round(model, progress=progress, label=label)
+
+
+def sized_as_stored(model: nn.Module, reports: list) -> list:
+    """``reports`` with each compressed tensor's size (and diagnostics) as its quantizer now stores it.
+    An EM round changes codes, and a variable-rate coding (``morton``: gaps between Morton keys) costs
+    what the codes it ends with cost; for every other quantizer the size is the same."""
+    from compresskit.nn import quantized_tensors
+
+    live = {name: qt.quantizer for name, (_, _, qt) in quantized_tensors(model).items()}
+    return [r if r is None or r.name not in live
+            else dataclasses.replace(r, size=live[r.name].size_report(), extra={**r.extra, **live[r.name].diagnostics()})
+            for r in reports]
 
 
 def batched(batches: list[Batch], size: int) -> list[Batch]:

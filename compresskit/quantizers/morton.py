@@ -14,9 +14,11 @@ shifted right: points in 16-bit Morton order are in Morton order at every b <= 1
 Storage of ``codes_`` (one uint8 stream, its length the size the report counts): a mode byte and a
 Rice parameter byte, then
 
-* mode 1 (rows x bits <= 62): the keys' gaps, zigzag-mapped when some gap is negative (columns not
-  in Morton order), Rice-coded: the low ``k`` bits of every gap packed, then each gap's high part
-  in unary (that many ones and a zero);
+* mode 1 (rows x bits <= 62): the keys' gaps, Rice-coded: the number of escaped gaps (uint32), the
+  low ``k`` bits of every gap packed, the escaped gaps raw (int64), then each gap's high part in
+  unary (that many ones and a zero; ``ESCAPE`` ones for an escaped gap). A gap is escaped when it is
+  negative (columns out of Morton order: a point that quantization in the loop moved) or its unary
+  part would be ``ESCAPE`` ones or more (a jump across a coarse Morton boundary);
 * mode 0: the codes bit-packed as :class:`~compresskit.quantizers.rtn.RTN` packs them, when that is
   no larger (random order, or too many rows for one 64-bit key).
 
@@ -30,13 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from compresskit.errors import CompressKitError
 from compresskit.quantizers.base import Quantizer, check_int
 from compresskit.quantizers.packing import code_dtype, pack_codes, unpack_codes
 from compresskit.registry import register_quantizer
 
 MAX_BITS = 16
 ORDER_BITS = 16  # the grid morton_order sorts on: finer than, and aligned with, every b <= 16
-KEY_BITS = 62  # rows x bits that fit one int64 key, with room for the zigzag
+KEY_BITS = 62  # rows x bits that fit one int64 key
+ESCAPE = 64  # a gap whose Rice code would have this many ones or more is stored raw (RAW_BITS)
+RAW_BITS = 64
+COUNT_BYTES = 4  # the number of escaped gaps, uint32
 HEADER_BITS = 16  # the mode byte and the Rice parameter byte
 GRID_FLOAT_BITS = 32  # lo and step per row, float32 (positions need more than float16)
 PLAIN, RICE = 0, 1
@@ -91,28 +97,48 @@ def _unpack_low(raw: np.ndarray, k: int, n: int) -> np.ndarray:
     return (bits << np.arange(k, dtype=np.uint64)).sum(1, dtype=np.uint64)
 
 
-def _rice_bytes(values: np.ndarray, k: int) -> int:
-    return math.ceil(values.size * k / 8) + math.ceil((int((values >> np.uint64(k)).sum()) + values.size) / 8)
+def _rice_bits(values: np.ndarray, k: int) -> int:
+    high = values >> k
+    escaped = (values < 0) | (high >= ESCAPE)
+    return 8 * COUNT_BYTES + values.size * (k + 1) + int(np.where(escaped, ESCAPE + RAW_BITS, high).sum())
 
 
 def rice_encode(values: np.ndarray) -> tuple[int, np.ndarray]:
-    """``(k, stream)``: non-negative ``values`` Rice-coded with the parameter that makes them smallest."""
-    values = values.astype(np.uint64)
-    guess = int(math.log2(float(values.mean()) + 1))  # the best k is within a bit or two of log2(mean)
-    k = min(range(max(0, guess - 3), min(KEY_BITS, guess + 3) + 1), key=lambda k: _rice_bytes(values, k))
-    high = (values >> np.uint64(k)).astype(np.int64)
+    """``(k, stream)``: int64 ``values`` Rice-coded with the parameter that makes them smallest.
+
+    A value below 0, or whose high part ``v >> k`` would take ``ESCAPE`` or more ones, is escaped:
+    ``ESCAPE`` ones and its 64 bits raw, so a point that quantization in the loop moved across a
+    coarse Morton boundary costs about 130 bits, not a unary run of millions.
+    """
+    values = values.astype(np.int64)
+    typical = float(np.median(np.abs(values)))
+    guess = int(math.log2(typical + 1))  # the best k is within a few bits of log2 of a typical gap
+    k = min(range(max(0, guess - 4), min(KEY_BITS, guess + 4) + 1), key=lambda k: _rice_bits(values, k))
+    high = values >> k
+    escaped = (values < 0) | (high >= ESCAPE)
+    high = np.where(escaped, ESCAPE, high)
     unary = np.ones(int(high.sum()) + values.size, dtype=np.uint8)
     unary[np.cumsum(high + 1) - 1] = 0  # each value's ones end with a zero
-    return k, np.concatenate([_pack_low(values, k), np.packbits(unary, bitorder="little")])
+    low = _pack_low(np.where(escaped, 0, values).astype(np.uint64), k)
+    count = np.array([int(escaped.sum())], dtype="<u4").view(np.uint8)
+    raw = values[escaped].astype("<i8").view(np.uint8)
+    return k, np.concatenate([count, low, raw, np.packbits(unary, bitorder="little")])
 
 
 def rice_decode(stream: np.ndarray, k: int, n: int) -> np.ndarray:
-    """Inverse of :func:`rice_encode`: ``n`` uint64 values."""
+    """Inverse of :func:`rice_encode`: ``n`` int64 values."""
+    n_escaped = int(stream[:COUNT_BYTES].copy().view("<u4")[0])
     n_low = math.ceil(n * k / 8)
-    low = _unpack_low(stream[:n_low], k, n)
-    ends = np.flatnonzero(np.unpackbits(stream[n_low:], bitorder="little") == 0)[:n]
+    low = _unpack_low(stream[COUNT_BYTES : COUNT_BYTES + n_low], k, n).astype(np.int64)
+    raw_start = COUNT_BYTES + n_low
+    raw = stream[raw_start : raw_start + 8 * n_escaped].copy().view("<i8")
+    ends = np.flatnonzero(np.unpackbits(stream[raw_start + 8 * n_escaped :], bitorder="little") == 0)[:n]
+    if ends.size != n or raw.size != n_escaped:
+        raise CompressKitError("morton: the stored positions are corrupt (the Rice stream ends early)")
     high = np.diff(ends, prepend=-1) - 1
-    return (high.astype(np.uint64) << np.uint64(k)) | low
+    values = (high << k) | low
+    values[high == ESCAPE] = raw
+    return values
 
 
 @register_quantizer("morton")
@@ -151,6 +177,14 @@ class Morton(Quantizer):
     def _inverse(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes.float() + 0.5) * self.step_.float() + self.lo_.float()
 
+    def diagnostics(self) -> dict[str, Any]:
+        """How ``codes_`` is stored: ``coding_`` ``"rice"`` or ``"plain"``; ``escaped_``, the gaps stored raw
+        (points out of Morton order, or far from the previous one); the codes' bits per column (point)."""
+        stream = self._stream().numpy()
+        out = {"coding_": "plain" if stream[0] == PLAIN else "rice", "code_bits_per_point_": 8 * (stream.size - 2) / self.codes_.shape[1]}
+        out["escaped_"] = 0 if stream[0] == PLAIN else int(stream[2 : 2 + COUNT_BYTES].copy().view("<u4")[0])
+        return out
+
     # ---- the stream ----------------------------------------------------------------------------
     def _stream(self) -> torch.Tensor:
         """``codes_`` as stored: uint8 ``[bytes]``, the smaller of the Rice and the plain coding."""
@@ -158,24 +192,16 @@ class Morton(Quantizer):
         plain = pack_codes(self.codes_, self.bits).numpy()
         best = np.concatenate([np.array([PLAIN, 0], dtype=np.uint8), plain])
         if codes.shape[0] * self.bits <= KEY_BITS:
-            gaps = np.diff(morton_keys(codes, self.bits), prepend=0)
-            zigzag = bool((gaps < 0).any())
-            if zigzag:
-                gaps = (gaps << 1) ^ (gaps >> 63)
-            k, rice = rice_encode(gaps)
+            k, rice = rice_encode(np.diff(morton_keys(codes, self.bits), prepend=0))
             if rice.size < plain.size:
-                best = np.concatenate([np.array([RICE, k + 64 * zigzag], dtype=np.uint8), rice])
+                best = np.concatenate([np.array([RICE, k], dtype=np.uint8), rice])
         return torch.from_numpy(best)
 
     def _decode_stream(self, stream: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         raw = stream.numpy()
         if raw[0] == PLAIN:
             return unpack_codes(torch.from_numpy(raw[2:].copy()), self.bits, shape)
-        k, zigzag = int(raw[1]) % 64, raw[1] >= 64
-        gaps = rice_decode(raw[2:], k, shape[1]).astype(np.int64)
-        if zigzag:
-            gaps = (gaps >> 1) ^ -(gaps & 1)
-        keys = np.cumsum(gaps)
+        keys = np.cumsum(rice_decode(raw[2:], int(raw[1]), shape[1]))
         rows = shape[0]
         codes = np.zeros(shape, dtype=np.int64)
         for j in range(self.bits):

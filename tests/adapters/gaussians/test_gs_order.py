@@ -74,3 +74,24 @@ def test_positions_in_morton_order_cost_less_and_round_trip_through_the_cli(ply,
     original, decoded = GaussianScene.load(ply).means.detach(), GaussianScene.load(tmp_path / "d.ply").means.detach()
     cell = (original.amax(0) - original.amin(0)) / 2**12
     assert ((decoded - original[morton_order(original)]).abs() <= cell / 2 + 1e-6).all()  # the .ply's points, in Morton order, to half a cell
+
+
+def test_reports_after_calibration_give_the_size_the_codes_now_have(ply):
+    """An EM round may move points across cells; a report then counts the stream those codes make."""
+    import compresskit
+    from compresskit import CompressConfig
+    from compresskit.calib.calibrator import sized_as_stored
+    from compresskit.nn import quantized_tensors
+
+    adapter = GaussianSplatAdapter()
+    loaded = adapter.load(str(ply))
+    config = CompressConfig(method="pq", bits=2, overrides=(("gaussians.means", {"method": "morton", "bits": 12}),), prepare={"order": "morton"})
+    report = compresskit.compress(loaded, config, adapter=adapter)
+    quantizer = quantized_tensors(loaded.model)["gaussians.means"][2].quantizer
+    layer = {r.name: r for r in report.layers}["gaussians.means"]
+    assert layer.extra["coding_"] == "rice" and layer.size == quantizer.size_report()
+    quantizer.codes_.copy_(quantizer.codes_.flip(1))  # the same points, backwards: every gap negative
+    after = {r.name: r for r in sized_as_stored(loaded.model, report.layers)}
+    assert after["gaussians.means"].extra["coding_"] != "rice"
+    assert after["gaussians.means"].size == quantizer.size_report() and after["gaussians.means"].size.total_bits > layer.size.total_bits
+    assert after["gaussians.f_rest"].size == {r.name: r for r in report.layers}["gaussians.f_rest"].size
