@@ -115,7 +115,8 @@ def run_one(scene: str, row: str, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         metrics = adapter.evaluate(reloaded, adapter.eval_spec(options={"eval_size": args.eval_size}))
         seconds_eval = time.perf_counter() - start
-    layers = {layer.name.removeprefix("gaussians."): {"method": layer.method, "bits_per_value": layer.size.bits_per_weight, "rel_error": layer.rel_error}
+    layers = {layer.name.removeprefix("gaussians."): {"method": layer.method, "bits_per_value": layer.size.bits_per_weight, "rel_error": layer.rel_error,
+                                                      **({"extra": layer.extra} if layer.extra else {})}
               for layer in report.layers}
     return {"scene": scene, "row": row, **metrics, "layers": layers, "calibration": report.calibration, "preparation": report.preparation,
             "seconds_compress": seconds_compress, "seconds_eval": seconds_eval, "threads": args.threads}

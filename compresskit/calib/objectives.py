@@ -148,6 +148,9 @@ class LatentPhase:
       layer-wise round (centroids, row scales, codes) on it: with ``H = I`` a Lloyd update;
     * any other quantizer (rtn, gptq): ``transform(latent)``, its codes under the fitted scales.
 
+    A quantizer that declares ``trains_in_loop = False`` (``morton``, whose stored size depends on the
+    order of its codes) gets no latent: its codes stay as fitted.
+
     Codebooks move only through those updates here; the task M-step after the phase trains them
     with the codes frozen. The file format does not change: codes and tables only.
     ``lr(name)`` gives a target's learning rate (the family's, e.g. 3DGS's per-attribute rates; None:
@@ -164,7 +167,7 @@ class LatentPhase:
 
     def run(self, model: nn.Module, loss_fn: Callable[[int], torch.Tensor], progress=None, label: str = "latent phase") -> float:
         """Run the phase on ``model`` (its compressed tensors change in place); returns the last loss."""
-        tensors = {name: qt for name, (_, _, qt) in quantized_tensors(model).items() if name in self.initial}
+        tensors = {name: qt for name, (_, _, qt) in quantized_tensors(model).items() if name in self.initial and qt.quantizer.trains_in_loop}
         if not tensors:
             return float("nan")
         # a layer fitted on its statistics keeps the walk's codes, which aimed at its goal: re-encoding it

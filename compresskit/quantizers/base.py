@@ -11,7 +11,8 @@ parameters and scalar state as JSON metadata. No pickle.
 Capabilities are class attributes, so calibration dispatches on what a quantizer can do, never on its
 name: ``uses_hessian`` (``fit(W, hessian=H)`` uses the input statistics) and
 ``supports_codebook_update`` (a :class:`~compresskit.quantizers.codebook.CodebookQuantizer`, whose
-codes and centroid table calibration may change through its setters).
+codes and centroid table calibration may change through its setters); ``trains_in_loop`` (False: the
+latent phase of calibration leaves its codes as fitted, for a coding whose size depends on them).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class Quantizer:
     _state_tensors: ClassVar[tuple[str, ...]] = ()
     uses_hessian: ClassVar[bool] = False  # fit(W, hessian=H) uses the layer's input statistics
     supports_codebook_update: ClassVar[bool] = False  # a CodebookQuantizer: see quantizers/codebook.py
+    trains_in_loop: ClassVar[bool] = True  # False: quantization in the loop keeps its codes as fitted (morton)
 
     # ---- parameters -------------------------------------------------------------------------
     @classmethod

@@ -152,7 +152,7 @@ def test_transform_before_fit(name):
 @pytest.mark.parametrize("name", ALL)
 def test_capability_flags_are_declared_and_true(name):
     cls, W = cls_of(name), weight()
-    assert isinstance(cls.uses_hessian, bool) and isinstance(cls.supports_codebook_update, bool)
+    assert isinstance(cls.uses_hessian, bool) and isinstance(cls.supports_codebook_update, bool) and isinstance(cls.trains_in_loop, bool)
     assert cls.supports_codebook_update == issubclass(cls, CodebookQuantizer)
     if cls.uses_hessian:  # fit takes the input statistics, and they change the result
         X = torch.randn(256, W.shape[1], generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, W.shape[1])

@@ -95,3 +95,23 @@ def test_reports_after_calibration_give_the_size_the_codes_now_have(ply):
     assert after["gaussians.means"].extra["coding_"] != "rice"
     assert after["gaussians.means"].size == quantizer.size_report() and after["gaussians.means"].size.total_bits > layer.size.total_bits
     assert after["gaussians.f_rest"].size == {r.name: r for r in report.layers}["gaussians.f_rest"].size
+
+
+def test_quantization_in_the_loop_keeps_the_sorted_positions_codes(ply):
+    """``morton`` declares ``trains_in_loop = False``: the latent phase trains the other attributes and
+    leaves the positions' codes as fitted, so the stream stays in Morton order."""
+    import compresskit
+    from compresskit import CalibrationConfig, CompressConfig
+    from compresskit.nn import quantized_tensors
+
+    adapter = GaussianSplatAdapter()
+    config = CompressConfig(method="pq", bits=1, overrides=(("gaussians.means", {"method": "morton", "bits": 12}),), prepare={"order": "morton"})
+    plain, looped = adapter.load(str(ply)), adapter.load(str(ply))
+    compresskit.compress(plain, config, adapter=adapter)
+    calibration = CalibrationConfig(n_samples=4, batch_size=2, m_objective="task", em_rounds=1, m_steps=1, lr=3e-3, m_batch=1,
+                                    latent_steps=6, reassign_every=2, latent_lr=0.05, options={"calib_size": SIZE})
+    report = compresskit.compress(looped, config, adapter=adapter, calibration=calibration)
+    before, after = quantized_tensors(plain.model), quantized_tensors(looped.model)
+    assert torch.equal(after["gaussians.means"][2].quantizer.codes_, before["gaussians.means"][2].quantizer.codes_)
+    assert not torch.equal(after["gaussians.opacities"][2].quantizer.codes_, before["gaussians.opacities"][2].quantizer.codes_)
+    assert {r.name: r for r in report.layers}["gaussians.means"].extra["escaped_"] == 0
