@@ -17,8 +17,8 @@ Rice parameter byte, then
 * mode 1 (rows x bits <= 62): the keys' gaps, Rice-coded: the number of escaped gaps (uint32), the
   low ``k`` bits of every gap packed, the escaped gaps raw (int64), then each gap's high part in
   unary (that many ones and a zero; ``ESCAPE`` ones for an escaped gap). A gap is escaped when it is
-  negative (columns out of Morton order: a point that quantization in the loop moved) or its unary
-  part would be ``ESCAPE`` ones or more (a jump across a coarse Morton boundary);
+  negative (columns out of Morton order) or its unary part would be ``ESCAPE`` ones or more (a far
+  jump, across a coarse Morton boundary);
 * mode 0: the codes bit-packed as :class:`~compresskit.quantizers.rtn.RTN` packs them, when that is
   no larger (random order, or too many rows for one 64-bit key).
 
@@ -107,8 +107,8 @@ def rice_encode(values: np.ndarray) -> tuple[int, np.ndarray]:
     """``(k, stream)``: int64 ``values`` Rice-coded with the parameter that makes them smallest.
 
     A value below 0, or whose high part ``v >> k`` would take ``ESCAPE`` or more ones, is escaped:
-    ``ESCAPE`` ones and its 64 bits raw, so a point that quantization in the loop moved across a
-    coarse Morton boundary costs about 130 bits, not a unary run of millions.
+    ``ESCAPE`` ones and its 64 bits raw, so a point out of order, or far from the previous one, costs
+    about 130 bits, never a unary run of thousands.
     """
     values = values.astype(np.int64)
     typical = float(np.median(np.abs(values)))
@@ -148,7 +148,7 @@ class Morton(Quantizer):
 
     _state_tensors = ("lo_", "step_")
     # quantization in the loop moved ref-scene's points by several cells after they were sorted: the
-    # stream then paid 3.8 bits per Gaussian for the points it put out of order (docs/quantizers.md)
+    # stream then paid 3.1-4.9 bits per Gaussian for the points it put out of order (docs/quantizers.md)
     trains_in_loop = False
 
     def __init__(self, bits: int = 16):
