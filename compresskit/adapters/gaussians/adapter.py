@@ -11,7 +11,9 @@ gaussians.means``. The user's ``--override`` wins over both.
 Preparation (``--option prune=0.5``, ``prune.py``): before the targets are found, the least important
 Gaussians are dropped and the rest fine-tuned against the uncompressed scene's renders (or, with
 ``prune_target=ground-truth``, its ground-truth images); evaluation and the ratios still compare with
-the original, unpruned ``.ply``.
+the original, unpruned ``.ply``. With ``--option order=morton`` the Gaussians are then sorted along a
+Morton curve of their positions, which the ``morton`` quantizer on ``gaussians.means`` stores as gaps
+between keys (24.6 instead of 36 bits per Gaussian at 12 bits on the pruned reference scene).
 
 Calibration renders: a batch is one calibration camera and the uncompressed scene's picture from
 it (the unpruned scene's, when the scene was pruned), or with ``calib_target=ground-truth`` its
