@@ -198,9 +198,16 @@ class Quantizer:
         """Learned tensors as stored on disk (codes bit-packed)."""
         self._check_fitted()
         out = {name: getattr(self, name).detach().contiguous() for name in self._state_tensors}
-        # codes_ is stored bit-packed so the file costs exactly what size_report() says
-        out["codes_"] = pack_codes(self.codes_, self.code_bits_)
+        out["codes_"] = self._stored_codes()
         return out
+
+    def _stored_codes(self) -> torch.Tensor:
+        """``codes_`` as the file holds them: bit-packed, so the file costs exactly what size_report() says."""
+        return pack_codes(self.codes_, self.code_bits_)
+
+    def _codes_from_stored(self, stored: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+        """Inverse of :meth:`_stored_codes`, from :meth:`state_meta`'s ``code_bits_`` and ``codes_shape_``."""
+        return unpack_codes(stored, meta["code_bits_"], tuple(meta["codes_shape_"]))
 
     def stored_float_dtype(self) -> torch.dtype:
         """The dtype the learned float tensors (codebooks, scales) are stored in, as :meth:`size_report`
@@ -251,7 +258,7 @@ class Quantizer:
         q._load_extra_meta(meta)
         for name in q._state_tensors:
             setattr(q, name, tensors[name])
-        q.codes_ = unpack_codes(tensors["codes_"], meta["code_bits_"], tuple(meta["codes_shape_"]))
+        q.codes_ = q._codes_from_stored(tensors["codes_"], meta)
         return q
 
     # ---- validation -------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class Morton(Quantizer):
         return {"codes": HEADER_BITS + 8 * math.ceil(rows * cols * self.bits / 8), "grid": 2 * rows * GRID_FLOAT_BITS}
 
     def _fitted_size(self) -> dict[str, int]:
-        return {"codes": 8 * self._stream().numel(), "grid": 2 * self.lo_.numel() * GRID_FLOAT_BITS}
+        return {"codes": 8 * self._stored_codes().numel(), "grid": 2 * self.lo_.numel() * GRID_FLOAT_BITS}
 
     def _fit(self, W: torch.Tensor) -> None:
         self.lo_, self.step_ = grid(W, self.bits)
@@ -183,13 +183,13 @@ class Morton(Quantizer):
     def diagnostics(self) -> dict[str, Any]:
         """How ``codes_`` is stored: ``coding_`` ``"rice"`` or ``"plain"``; ``escaped_``, the gaps stored raw
         (points out of Morton order, or far from the previous one); the codes' bits per column (point)."""
-        stream = self._stream().numpy()
+        stream = self._stored_codes().numpy()
         out = {"coding_": "plain" if stream[0] == PLAIN else "rice", "code_bits_per_point_": 8 * (stream.size - 2) / self.codes_.shape[1]}
         out["escaped_"] = 0 if stream[0] == PLAIN else int(stream[2 : 2 + COUNT_BYTES].copy().view("<u4")[0])
         return out
 
     # ---- the stream ----------------------------------------------------------------------------
-    def _stream(self) -> torch.Tensor:
+    def _stored_codes(self) -> torch.Tensor:
         """``codes_`` as stored: uint8 ``[bytes]``, the smaller of the Rice and the plain coding."""
         codes = self.codes_.long()
         plain = pack_codes(self.codes_, self.bits).numpy()
@@ -200,7 +200,8 @@ class Morton(Quantizer):
                 best = np.concatenate([np.array([RICE, k], dtype=np.uint8), rice])
         return torch.from_numpy(best)
 
-    def _decode_stream(self, stream: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    def _codes_from_stored(self, stream: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+        shape = tuple(meta["codes_shape_"])
         raw = stream.numpy()
         if raw[0] == PLAIN:
             return unpack_codes(torch.from_numpy(raw[2:].copy()), self.bits, shape)
@@ -211,16 +212,3 @@ class Morton(Quantizer):
             for i in range(rows):
                 codes[i] |= ((keys >> (j * rows + i)) & 1) << j
         return torch.from_numpy(codes).to(code_dtype(self.bits))
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().state_tensors(), "codes_": self._stream()}
-
-    @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Morton":
-        q = cls(**meta["params"])
-        q._validate_params()
-        q.shape_ = tuple(meta["shape_"])
-        q.dtype_ = meta["dtype_"]
-        q.lo_, q.step_ = tensors["lo_"], tensors["step_"]
-        q.codes_ = q._decode_stream(tensors["codes_"], tuple(meta["codes_shape_"]))
-        return q
